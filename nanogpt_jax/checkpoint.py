@@ -1,0 +1,79 @@
+"""Checkpoints with orbax: `out_dir/checkpoints/{latest,best}/<iter>/` holding params, optimizer state,
+the base RNG key and a JSON record of the run (train config, model config, iteration, best val loss)."""
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from .config import UserError
+from .model import GPTConfig
+
+KINDS = ("latest", "best")
+
+
+class CheckpointError(UserError):
+    """No usable checkpoint where one was asked for."""
+
+
+class Checkpointer:
+    def __init__(self, out_dir: str, create: bool = True):
+        root = Path(out_dir).absolute() / "checkpoints"
+        if not create and not root.is_dir():
+            raise CheckpointError(f"no checkpoints in {out_dir}: train first, or check --out_dir")
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+        self.managers = {kind: ocp.CheckpointManager(root / kind, options=options) for kind in KINDS}
+
+    def save(self, kind: str, iter_num: int, params, opt_state, rng, record: dict) -> None:
+        # Params apart from the rest, so that sampling restores them alone.
+        self.managers[kind].save(iter_num, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            optimizer=ocp.args.StandardSave({"opt_state": opt_state, "rng": rng}),
+            record=ocp.args.JsonSave(record)))
+
+    def record(self, kind: str) -> dict:
+        return self._restore(kind, record=ocp.args.JsonRestore())["record"]
+
+    def restore(self, kind: str, **targets) -> dict:
+        """Restore the named items (params=, optimizer={opt_state, rng}) onto the layouts of abstract trees."""
+        return self._restore(kind, **{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+
+    def _restore(self, kind, **args):
+        mngr = self.managers[kind]
+        step = mngr.latest_step()
+        if step is None:
+            raise CheckpointError(f"no {kind} checkpoint in {mngr.directory}: train first, or check --out_dir")
+        return mngr.restore(step, args=ocp.args.Composite(**args))
+
+    def close(self) -> None:
+        for mngr in self.managers.values():
+            mngr.wait_until_finished()
+            mngr.close()
+
+
+def abstract(tree, sharding=None):
+    """Shape/dtype stand-ins for a restore target, optionally placed with `sharding`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_checkpoint(out_dir: str, kind: str = "latest"):
+    """(GPTConfig, params) of a training run's latest (or best) checkpoint."""
+    config, params, _ = load_run(out_dir, kind)
+    return config, params
+
+
+def load_run(out_dir: str, kind: str = "latest"):
+    """(GPTConfig, params, record): the record holds the run's train config, vocabulary and iteration."""
+    from .model import init_params
+
+    if kind not in KINDS:
+        raise CheckpointError(f"unknown checkpoint {kind!r}: use one of {KINDS}")
+    ckpt = Checkpointer(out_dir, create=False)
+    try:
+        record = ckpt.record(kind)
+        config = GPTConfig(**record["model"])
+        shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+        params = ckpt.restore(kind, params=abstract(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+    finally:
+        ckpt.close()
+    return config, params["params"], record

@@ -1,0 +1,146 @@
+"""Run configuration with nanoGPT's option names: dataclass defaults, then CONFIG.py files, then --key=value.
+
+Config files are plain Python that assign values (as nanoGPT's config/*.py). Command-line values are
+parsed as Python literals, never executed, and checked against the option's type.
+"""
+
+import ast
+import dataclasses
+import difflib
+import runpy
+import types
+import typing
+
+
+class UserError(ValueError):
+    """Bad input from the user: the command line prints its message as one line and exits non-zero."""
+
+
+class ConfigError(UserError):
+    """A bad option; the message names it and says what was expected."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False
+    always_save_checkpoint: bool = True  # if False, save only when val loss improves
+    init_from: str = "scratch"  # 'scratch', 'resume', or a GPT-2 name / HF folder
+    # data
+    dataset: str = "openwebtext"
+    data_dir: str = "data"
+    gradient_accumulation_steps: int = 40
+    batch_size: int = 12
+    block_size: int = 1024
+    # model
+    model: str = "gpt"  # 'gpt' or 'bigram'
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # learning-rate schedule
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    min_lr: float = 6e-5
+    # system
+    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto = float32 on CPU, bfloat16 elsewhere
+    attn_impl: str | None = None  # None/'xla', or 'cudnn' (NVIDIA, bf16/fp16)
+    remat: bool = False  # recompute blocks in the backward pass to save activation memory
+    num_devices: int = 0  # data-parallel devices; 0 = as many of the local devices as divide batch_size
+    seed: int = 1337
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    init_from: str = "resume"  # 'resume' (from out_dir) or a GPT-2 name / HF folder
+    out_dir: str = "out"
+    checkpoint: str = "latest"  # 'latest' or 'best'
+    start: str = "\n"  # or "FILE:prompt.txt"
+    num_samples: int = 10
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int = 1337
+    dtype: str = "auto"
+    data_dir: str = "data"
+
+
+# nanoGPT options that mean nothing here: accepted so that nanoGPT command lines run, with a note.
+IGNORED = {
+    "compile": "XLA always compiles",
+    "device": "JAX picks the accelerator; set JAX_PLATFORMS=cpu to force the CPU",
+    "backend": "JAX picks the collective backend",
+    "wandb_log": "metrics go to out_dir/metrics.jsonl",
+    "wandb_project": "metrics go to out_dir/metrics.jsonl",
+    "wandb_run_name": "metrics go to out_dir/metrics.jsonl",
+}
+
+
+def _check(cls, key: str, value, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown option --{key} ({source}){hint}")
+    hint = typing.get_type_hints(cls)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return None
+        if t is float and type(value) is int:
+            return float(value)
+        if t is not type(None) and type(value) is t:
+            return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"--{key}={value!r} ({source}): expected {names}, got {type(value).__name__}")
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --dataset=shakespeare_char is a string
+
+
+def parse(cls, argv: list[str], notes: list[str] | None = None):
+    """Build `cls` from CONFIG.py files and --key=value overrides, in order; `notes` gets ignored options."""
+    values = {}
+
+    def put(key, value, source):
+        if key in IGNORED:
+            if notes is not None:
+                notes.append(f"--{key} has no effect in nanogpt-jax: {IGNORED[key]}")
+            return
+        values[key] = _check(cls, key, value, source)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg}: write options as --key=value")
+            put(key, _literal(text), "command line")
+        elif arg.endswith(".py"):
+            try:
+                scope = runpy.run_path(arg)
+            except FileNotFoundError:
+                raise ConfigError(f"config file {arg} not found") from None
+            for key, value in scope.items():
+                if not key.startswith("_") and not isinstance(value, types.ModuleType):
+                    put(key, value, arg)
+        else:
+            raise ConfigError(f"{arg!r}: expected a CONFIG.py file or --key=value")
+    return cls(**values)

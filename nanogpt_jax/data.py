@@ -1,0 +1,141 @@
+"""Datasets in nanoGPT's format: `train.bin` / `val.bin` as raw uint16 token ids, plus the vocabulary.
+
+Batches are random windows read from a memmap; their randomness is a pure function of
+(seed, iteration, process index, ...) so that a resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+import json
+import os
+import pickle
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATASETS = ("shakespeare_char", "shakespeare")
+
+
+class DataError(UserError):
+    """A dataset is missing or malformed; the message says how to fix it."""
+
+
+def read_input(path: str | None, cache_path: Path) -> str:
+    """The Tiny Shakespeare text: `path`, else a copy cached by an earlier prepare, else the download."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise DataError(f"--input {path}: no such file")
+        return Path(path).read_text(encoding="utf-8")
+    if cache_path.is_file():
+        return cache_path.read_text(encoding="utf-8")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+            text = r.read().decode("utf-8")
+    except OSError as e:
+        raise DataError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); "
+                        "pass --input PATH to a local copy of input.txt") from None
+    cache_path.write_text(text, encoding="utf-8")
+    return text
+
+
+def write_split(ids, path: Path) -> int:
+    arr = np.asarray(ids, dtype=np.uint16)
+    arr.tofile(path)
+    return len(arr)
+
+
+def prepare(dataset: str, data_dir: str = "data", input_path: str | None = None) -> dict:
+    """Tokenize Tiny Shakespeare into data_dir/<dataset>/{train,val}.bin (+ meta.json); returns the counts."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}: prepare knows {', '.join(DATASETS)}")
+    out = Path(data_dir) / dataset
+    out.mkdir(parents=True, exist_ok=True)
+    text = read_input(input_path, out / "input.txt")
+    n = len(text)
+    train_text, val_text = text[: int(n * 0.9)], text[int(n * 0.9):]
+    if dataset == "shakespeare_char":
+        chars = sorted(set(text))
+        stoi = {ch: i for i, ch in enumerate(chars)}
+        info = {"vocab_size": len(chars)}
+        (out / "meta.json").write_text(json.dumps({"vocab_size": len(chars), "itos": chars}), encoding="utf-8")
+        encode = lambda s: [stoi[ch] for ch in s]  # noqa: E731
+    else:
+        enc = gpt2_encoding()
+        info = {"vocab_size": enc.n_vocab}
+        encode = enc.encode_ordinary
+    info["train_tokens"] = write_split(encode(train_text), out / "train.bin")
+    info["val_tokens"] = write_split(encode(val_text), out / "val.bin")
+    info["dir"] = str(out)
+    return info
+
+
+def gpt2_encoding():
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises plain requests/OS errors when offline
+        raise DataError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline, set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding its cached vocab.bpe and encoder.json") from None
+
+
+def load_meta(dataset_dir: Path) -> dict | None:
+    """The character vocabulary, from meta.json or from a nanoGPT-prepared meta.pkl; None for GPT-2 BPE."""
+    if (dataset_dir / "meta.json").is_file():
+        return json.loads((dataset_dir / "meta.json").read_text(encoding="utf-8"))
+    if (dataset_dir / "meta.pkl").is_file():
+        with open(dataset_dir / "meta.pkl", "rb") as f:
+            meta = _PlainUnpickler(f).load()
+        return {"vocab_size": meta["vocab_size"], "itos": [meta["itos"][i] for i in range(meta["vocab_size"])]}
+    return None
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """nanoGPT's meta.pkl holds only dicts, strings and ints: refuse anything that would run code."""
+
+    def find_class(self, module, name):
+        raise DataError(f"meta.pkl refers to {module}.{name}; only plain dicts are accepted")
+
+
+class Tokenizer:
+    """Text <-> ids: the dataset's characters (meta.json) or GPT-2 BPE."""
+
+    def __init__(self, meta: dict | None):
+        if meta is None:
+            enc = gpt2_encoding()
+            self.encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+            self.decode = enc.decode
+        else:
+            itos = meta["itos"]
+            stoi = {ch: i for i, ch in enumerate(itos)}
+            self.encode = lambda s: [self._lookup(stoi, ch) for ch in s]
+            self.decode = lambda ids: "".join(itos[i] for i in ids)
+
+    @staticmethod
+    def _lookup(stoi, ch):
+        if ch not in stoi:
+            raise DataError(f"the character {ch!r} is not in this dataset's vocabulary")
+        return stoi[ch]
+
+
+def open_split(dataset_dir: Path, split: str) -> np.memmap:
+    path = dataset_dir / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `nanogpt-jax prepare {dataset_dir.name}` "
+                        "(or point --data_dir at the folder holding it)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def get_batch(data: np.ndarray, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
+    """Random windows x, y = data[i:i+T], data[i+1:i+1+T] of `shape + (T,)`, int32.
+
+    `seed_key` (e.g. (seed, iteration, process, split)) alone decides which windows: no hidden RNG state.
+    """
+    if len(data) <= block_size:
+        raise DataError(f"the split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")
+    rng = np.random.default_rng(list(seed_key))
+    ix = rng.integers(0, len(data) - block_size, size=shape)
+    win = np.asarray(data[ix[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+    return win[..., :-1], win[..., 1:]

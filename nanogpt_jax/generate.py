@@ -1,0 +1,73 @@
+"""Sampling: a jitted, KV-cached, batched `generate` with temperature, top-k and top-p.
+
+While the sequence fits in block_size, the prompt is prefilled once and each new token costs one
+cached decode step. Beyond block_size nanoGPT crops the context to the last block_size tokens; GPT-2's
+absolute position embeddings then shift under every cached key, so each further token is a forward
+pass over the cropped window. Both phases are fixed-length `lax.scan`s: one compilation per shape.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .model import GPTConfig, init_cache, make_model
+
+
+def sample_logits(logits_BV, key, temperature, top_k: int | None = None, top_p: float | None = None):
+    """Next token ids (B,) from logits: greedy when temperature == 0, else top-k/top-p filtered sampling."""
+    scaled = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
+    if top_k is not None:
+        kth = jax.lax.top_k(scaled, min(top_k, scaled.shape[-1]))[0][:, -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    if top_p is not None:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (the argmax always stays).
+        sorted_BV = jnp.sort(scaled, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p"))
+def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, temperature=1.0,
+             top_k: int | None = None, top_p: float | None = None):
+    """Continue int32 prompts (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens)."""
+    model = make_model(config)
+    B, T0 = prompt.shape
+    S, total = config.block_size, T0 + max_new_tokens
+    tokens = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(prompt.astype(jnp.int32))
+    keys = jax.random.split(key, max(max_new_tokens, 1))
+    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    apply = partial(model.apply, {"params": params}, last_only=True)
+    if max_new_tokens == 0:
+        return tokens
+
+    # Phase 1 (the sequence fits): prefill, then one cached step per token, up to token index S.
+    n_cached = min(S - T0 + 1, max_new_tokens) if T0 <= S else 0
+    if n_cached > 0:
+        logits, cache = apply(tokens[:, :T0], cache=init_cache(config, B), pos=0)
+        tokens = tokens.at[:, T0].set(sample(logits[:, -1], keys[0]))
+
+        def cached_step(carry, i):  # feeds the token at position T0 + i, samples the one after it
+            tokens, cache = carry
+            pos = T0 + i
+            logits, cache = apply(jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1), cache=cache, pos=pos)
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, sample(logits[:, -1], keys[i + 1])[:, None],
+                                                         pos + 1, axis=1)
+            return (tokens, cache), None
+
+        (tokens, _), _ = jax.lax.scan(cached_step, (tokens, cache), jnp.arange(n_cached - 1))
+
+    # Phase 2 (beyond block_size): the context is the last S tokens, recomputed for every new token.
+    def cropped_step(tokens, i):  # samples token index i from tokens[i - S : i]
+        logits, _ = apply(jax.lax.dynamic_slice_in_dim(tokens, i - S, S, axis=1))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, sample(logits[:, -1], keys[i - T0])[:, None],
+                                                     i, axis=1)
+        return tokens, None
+
+    first = T0 + n_cached
+    tokens, _ = jax.lax.scan(cropped_step, tokens, jnp.arange(first, total))
+    return tokens

@@ -1,0 +1,44 @@
+"""Device placement: a 1-D `data` mesh over which batches are split and the train state replicated.
+
+The same jitted step runs on one device, on several (GPUs, TPU cores, or host CPU devices) and across
+hosts: only the shardings given to `jax.jit` change, and the compiler inserts the gradient all-reduce.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def use_all_cpu_cores() -> None:
+    """Expose one host device per core before JAX starts: data parallelism across cores beats
+    XLA's intra-op threading for GPT-sized matmuls on a CPU. A user's own XLA_FLAGS setting wins."""
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+
+
+def data_mesh(batch_size: int, num_devices: int = 0) -> Mesh:
+    """A mesh over the devices that share the batch; 0 = the most local devices that divide batch_size."""
+    devices = jax.devices()
+    if num_devices <= 0:
+        num_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    elif num_devices > len(devices) or batch_size % num_devices:
+        raise ValueError(f"--num_devices={num_devices}: need at most {len(devices)} devices and a "
+                         f"batch_size ({batch_size}) divisible by it")
+    return Mesh(np.array(devices[:num_devices]), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
+    """Split axis `batch_axis` of an array over the mesh's devices."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), "data"))
+
+
+def put_batch(mesh: Mesh, batch_axis: int, *arrays: np.ndarray):
+    """Host arrays (this process's rows) -> global arrays split over the mesh along `batch_axis`."""
+    sharding = batch_sharding(mesh, batch_axis)
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)

@@ -1,0 +1,221 @@
+"""Training: nanoGPT's loop around a pure, jitted step (forward, backward, gradient accumulation, AdamW)."""
+
+import dataclasses
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import data, mfu, parallel
+from .checkpoint import Checkpointer, abstract
+from .config import ConfigError, TrainConfig
+from .model import GPTConfig, crop_block_size, cross_entropy, init_params, make_model, num_params
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+
+
+def get_lr(it, cfg: TrainConfig):
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate + 0.0 * it
+    warm = cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    ratio = jnp.clip((it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1), 0.0, 1.0)
+    cosine = cfg.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    return jnp.where(it < cfg.warmup_iters, warm, jnp.where(it > cfg.lr_decay_iters, cfg.min_lr, cosine))
+
+
+def decay_mask(params):
+    """Weight decay on matmul and embedding weights only (by name: scanned biases can be 2-D)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(partial(get_lr, cfg=cfg), b1=cfg.beta1, b2=cfg.beta2,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    # Clipping sits before AdamW so it sees the gradient averaged over micro-batches (and devices).
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+
+
+def loss_fn(params, model, x_BT, y_BT, key):
+    deterministic = key is None
+    logits, _ = model.apply({"params": params}, x_BT, deterministic=deterministic,
+                            rngs=None if deterministic else {"dropout": key})
+    return cross_entropy(logits, y_BT)
+
+
+def train_step(state: TrainState, batch, key, *, model, tx):
+    """One optimizer update from a batch (x, y) of shape (A, B, T): A micro-batches, gradients averaged."""
+    x_ABT, y_ABT = batch
+    A = x_ABT.shape[0]
+    train = model.config.dropout > 0.0
+
+    def micro_step(grads, xs):
+        x_BT, y_BT, k = xs
+        loss, g = jax.value_and_grad(loss_fn)(state.params, model, x_BT, y_BT, k if train else None)
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses = jax.lax.scan(micro_step, zeros, (x_ABT, y_ABT, jax.random.split(key, A)))
+    grads = jax.tree.map(lambda g: g / A, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state), jnp.mean(losses)
+
+
+def eval_step(params, batch, *, model):
+    """Mean loss over a batch (x, y) of shape (B, T), dropout off."""
+    return loss_fn(params, model, *batch, None)
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={dtype}: use float32, bfloat16, float16 or auto")
+    return dtype
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, model=cfg.model,
+                     dtype=resolve_dtype(cfg.dtype), attn_impl=cfg.attn_impl, remat=cfg.remat)
+
+
+class Run:
+    """What a training run is made of: data, model, optimizer, jitted functions, placement."""
+
+    def __init__(self, cfg: TrainConfig, config: GPTConfig):
+        self.cfg, self.config = cfg, config
+        dataset_dir = Path(cfg.data_dir) / cfg.dataset
+        self.splits = {s: data.open_split(dataset_dir, s) for s in ("train", "val")}
+        self.meta = data.load_meta(dataset_dir)  # the vocabulary, kept in checkpoints for sampling
+        self.model = make_model(config)
+        self.tx = make_optimizer(cfg)
+        self.mesh = parallel.data_mesh(cfg.batch_size, cfg.num_devices)
+        rep = parallel.replicated(self.mesh)
+        self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx), donate_argnums=0,
+                            in_shardings=(rep, parallel.batch_sharding(self.mesh, 1), rep), out_shardings=rep)
+        self.eval = jax.jit(partial(eval_step, model=self.model),
+                            in_shardings=(rep, parallel.batch_sharding(self.mesh, 0)), out_shardings=rep)
+
+    def batch(self, split: str, shape, *key):
+        """This process's rows of a batch; the window choice is a pure function of (seed, key..., process)."""
+        split_id = ("train", "val").index(split)
+        x, y = data.get_batch(self.splits[split], self.config.block_size, shape,
+                              (self.cfg.seed, split_id, jax.process_index(), *key))
+        return parallel.put_batch(self.mesh, len(shape) - 1, x, y)
+
+    def estimate_loss(self, params, it: int) -> dict:
+        out = {}
+        for split in ("train", "val"):
+            losses = [self.eval(params, self.batch(split, (self.cfg.batch_size,), it, k))
+                      for k in range(self.cfg.eval_iters)]
+            out[split] = float(np.mean(jax.device_get(losses)))
+        return out
+
+
+def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
+    """(GPTConfig, params, opt_state or None, base rng, iter_num, best_val_loss) for cfg.init_from."""
+    meta = data.load_meta(Path(cfg.data_dir) / cfg.dataset)
+    if cfg.init_from == "scratch":
+        config = model_config(cfg, meta["vocab_size"] if meta else 50304)
+        return config, init_params(config, jax.random.PRNGKey(cfg.seed)), None, jax.random.PRNGKey(cfg.seed), 0, math.inf
+    if cfg.init_from == "resume":
+        record = ckpt.record("latest")
+        # The architecture comes from the checkpoint; dropout and the system options from the command line.
+        saved = GPTConfig(**record["model"])
+        config = dataclasses.replace(saved, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
+                                     attn_impl=cfg.attn_impl, remat=cfg.remat)
+        return config, None, None, None, record["iter_num"], record["best_val_loss"]
+    from .pretrained import from_pretrained
+
+    config, params = from_pretrained(cfg.init_from, dtype=resolve_dtype(cfg.dtype))
+    config = dataclasses.replace(config, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
+    if cfg.block_size < config.block_size:
+        config, params = crop_block_size(config, params, cfg.block_size)
+    return config, params, None, jax.random.PRNGKey(cfg.seed), 0, math.inf
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses'}."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(cfg.out_dir)
+    try:
+        return _train(cfg, ckpt, out_dir, log)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg, ckpt, out_dir, log):
+    config, params, opt_state, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
+    run = Run(cfg, config)
+    rep = parallel.replicated(run.mesh)
+    if params is None:  # resume: restore everything onto the replicated layout
+        shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+        optimizer = {"opt_state": jax.eval_shape(run.tx.init, shapes), "rng": jax.random.PRNGKey(0)}
+        restored = ckpt.restore("latest", params=abstract(shapes, rep), optimizer=abstract(optimizer, rep))
+        params = restored["params"]
+        opt_state, rng = restored["optimizer"]["opt_state"], restored["optimizer"]["rng"]
+    else:
+        params = jax.device_put(params, rep)
+        opt_state = jax.jit(run.tx.init, out_shardings=rep)(params)
+    state = TrainState(params, opt_state)
+    n_params = num_params(params)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * config.block_size
+    peak = mfu.peak_flops(run.mesh.devices.flat[0].device_kind, config.dtype)
+    flops_per_iter = mfu.flops_per_token(config, n_params) * tokens_per_iter
+    log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
+        f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
+    metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+    last = {}
+    t0, timed = time.perf_counter(), 0
+    while True:
+        if iter_num % cfg.eval_interval == 0:
+            losses = run.estimate_loss(state.params, iter_num)
+            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            _write(metrics, iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config),
+                          "meta": run.meta, "iter_num": iter_num, "best_val_loss": best_val_loss}
+                ckpt.save("latest", iter_num, state.params, state.opt_state, rng, record)
+                if improved:
+                    ckpt.save("best", iter_num, state.params, state.opt_state, rng, record)
+                log(f"saving checkpoint to {out_dir}")
+            last = losses
+            t0, timed = time.perf_counter(), 0  # evaluation time is not step time
+        if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
+            break
+        batch = run.batch("train", (cfg.gradient_accumulation_steps, cfg.batch_size), iter_num)
+        state, loss = run.step(state, batch, jax.random.fold_in(rng, iter_num))
+        timed += 1
+        if iter_num % cfg.log_interval == 0:
+            loss = float(loss)  # waits for the step: the clock below is honest
+            t1 = time.perf_counter()
+            dt = (t1 - t0) / timed
+            t0, timed = t1, 0
+            lr = float(get_lr(iter_num, cfg))
+            util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
+            log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
+                f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}")
+            _write(metrics, iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
+                   tokens_per_sec=tokens_per_iter / dt, mfu=util)
+        iter_num += 1
+    metrics.close()
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last}
+
+
+def _write(f, **record):
+    f.write(json.dumps(record) + "\n")
+    f.flush()
