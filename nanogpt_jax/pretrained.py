@@ -1,0 +1,263 @@
+"""Load released GPT-2 weights into the Flax GPT, and save a GPT back in HuggingFace's GPT-2 format.
+
+model.py names its parameters after HF GPT-2, so the mapping is a rename, one place (`hf_name`):
+    ('h_3', 'attn', 'c_attn', 'kernel') <-> 'h.3.attn.c_attn.weight'    ('ln_f', 'scale') <-> 'ln_f.weight'
+HF's Conv1D stores weights [in, out], as a Flax Dense kernel does, so no tensor is transposed.
+
+Sources: a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, also under openai-community/), a local folder
+holding config.json + model.safetensors (or pytorch_model.bin), or a .safetensors file with config.json
+beside it. Reading needs neither torch nor transformers; pytorch_model.bin needs torch.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+
+from .model import DTYPES, GPTConfig, init_params
+
+_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_IDS = _SIZES + tuple(f"openai-community/{s}" for s in _SIZES)
+HUB_FILES = ("config.json", "model.safetensors")  # all we need from a hub repo (it also holds .bin, msgpack, ...)
+
+# Tensors HF files may hold that are not parameters here: the causal-mask buffers of older files
+# (h.N.attn.bias [1, 1, T, T], h.N.attn.masked_bias []) and lm_head.weight, which GPT-2 ties to wte.
+_NOT_PARAMS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight")
+
+_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+# HF GPT-2 options that model.py hard-codes: config.json must hold one of these values (or leave the key out:
+# HF's defaults are the first value).
+_HF_FIXED = {
+    "model_type": ("gpt2",),
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both are the tanh-approximated GELU
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "reorder_and_upcast_attn": (False,),
+    "add_cross_attention": (False,),
+}
+
+
+class PretrainedError(ValueError):
+    """A checkpoint could not be found or read, or does not fit GPT-2; the message says what and where."""
+
+
+# --------------------------------------------------------------------------------------------- the mapping
+
+
+def hf_name(path: tuple[str, ...]) -> str:
+    """Flax parameter path -> HF GPT-2 key (hub layout, no `transformer.` prefix)."""
+    *modules, leaf = path
+    modules = [re.sub(r"^h_(\d+)$", r"h.\1", m) for m in modules]
+    return ".".join(modules + [_LEAF_TO_HF[leaf]])
+
+
+def hf_layout(config: GPTConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """HF key -> (Flax path, shape) for every parameter of `config`'s GPT; load and save both go through this.
+
+    The tree comes from the model itself (jax.eval_shape allocates nothing), so it cannot drift from model.py.
+    """
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    layout = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        path = tuple(k.key for k in key_path)
+        layout[hf_name(path)] = (path, tuple(leaf.shape))
+    return layout
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """config.json content that transformers' GPT2LMHeadModel reads as this model."""
+    cfg = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "vocab_size": config.vocab_size,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+    if config.vocab_size > 50256:  # GPT-2's <|endoftext|>; transformers warns about ids outside the vocabulary
+        cfg.update(bos_token_id=50256, eos_token_id=50256)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def from_pretrained(name_or_path, *, dtype: str = "float32") -> tuple[GPTConfig, dict]:
+    """(GPTConfig, float32 params) of a released GPT-2 or a saved one; `dtype` is the compute dtype."""
+    if dtype not in DTYPES:
+        raise PretrainedError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    config_path, weights_path = _resolve(str(name_or_path))
+    config = _read_config(config_path, dtype)
+    return config, _read_params(config, weights_path)
+
+
+def _resolve(name: str) -> tuple[Path, Path]:
+    """(config.json, weights file) for a local folder, a local .safetensors file or a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PretrainedError(f"{path} has no config.json (the HF GPT-2 config that goes with the weights)")
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            if (path / weights).is_file():
+                return path / "config.json", path / weights
+        raise PretrainedError(f"{path} holds no weights: expected model.safetensors (or pytorch_model.bin) "
+                              "beside config.json")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise PretrainedError(f"{path}: pass a folder or a .safetensors file (a .bin loads from its folder)")
+        if not (path.parent / "config.json").is_file():
+            raise PretrainedError(f"{path} has no config.json beside it; put the model's HF config.json there")
+        return path.parent / "config.json", path
+    if name in HUB_IDS:
+        return _download(name)
+    raise PretrainedError(f"{name!r} is neither a local folder or file nor a known GPT-2 hub id: "
+                          f"use one of {', '.join(HUB_IDS)}")
+
+
+def _download(repo_id: str) -> tuple[Path, Path]:
+    """The two files we need, from huggingface_hub's cache or the hub (HF_HOME, HF_HUB_OFFLINE are honoured)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    paths = []
+    for filename in HUB_FILES:
+        try:
+            paths.append(Path(hf_hub_download(repo_id, filename)))
+        except Exception as e:  # offline, no network, no such repo or file: each its own type, one meaning here
+            offline = ", HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
+            raise PretrainedError(
+                f"could not get {filename} of {repo_id!r} from the HuggingFace hub or its cache "
+                f"({type(e).__name__}{offline}); fetch it with network access, or pass a local folder holding "
+                f"config.json and model.safetensors: from_pretrained('path/to/folder')") from e
+    return paths[0], paths[1]
+
+
+def _read_config(config_path: Path, dtype: str) -> GPTConfig:
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"cannot read {config_path}: {e}") from e
+    problems = [f"{k} is {cfg[k]!r}, expected {' or '.join(map(repr, ok))}"
+                for k, ok in _HF_FIXED.items() if k in cfg and cfg[k] not in ok]
+    block_size = cfg.get("n_positions", cfg.get("n_ctx"))  # n_ctx: the name in older GPT-2 configs
+    sizes = {"n_layer": cfg.get("n_layer"), "n_head": cfg.get("n_head"), "n_embd": cfg.get("n_embd"),
+             "n_positions": block_size, "vocab_size": cfg.get("vocab_size")}
+    problems += [f"{k} is missing" for k, v in sizes.items() if v is None]
+    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 0)):
+        problems.append(f"n_inner is {cfg['n_inner']}, this model's MLP is 4 * n_embd wide")
+    if isinstance(cfg.get("n_embd"), int) and isinstance(cfg.get("n_head"), int) and cfg["n_embd"] % cfg["n_head"]:
+        problems.append(f"n_embd {cfg['n_embd']} is not a multiple of n_head {cfg['n_head']}")
+    if problems:
+        raise PretrainedError(f"{config_path} is not a GPT-2 config this model can run: " + "; ".join(problems))
+    return GPTConfig(block_size=block_size, vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"],
+                     n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=True, dtype=dtype)
+
+
+def _read_params(config: GPTConfig, weights_path: Path) -> dict:
+    layout = hf_layout(config)
+    shapes, read = _open_weights(weights_path)
+
+    # Check names and shapes from the header first: a wrong file fails before gigabytes are read.
+    found, problems = {}, []  # found: HF name -> key in the file
+    for key, shape in shapes.items():
+        name = key.removeprefix("transformer.")  # recent save_pretrained writes the base model's prefix
+        if _NOT_PARAMS.fullmatch(name):
+            continue
+        if name not in layout:
+            problems.append(f"unexpected tensor {key} {list(shape)}")
+        elif name in found:
+            problems.append(f"tensor {name} appears twice ({found[name]}, {key})")
+        else:
+            found[name] = key
+            if shape != layout[name][1]:
+                problems.append(f"{key} has shape {list(shape)}, the config implies {list(layout[name][1])}")
+    problems += [f"missing tensor {name} {list(shape)}" for name, (_, shape) in layout.items() if name not in found]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise PretrainedError(
+            f"{weights_path} does not fit GPT-2 with n_layer={config.n_layer}, n_head={config.n_head}, "
+            f"n_embd={config.n_embd}, block_size={config.block_size}, vocab_size={config.vocab_size} "
+            f"(from config.json):\n  " + "\n  ".join(shown))
+
+    # One tensor at a time: converted to float32, copied into a jax array, and the host copy dropped, so
+    # loading holds the growing tree plus one tensor, never two copies of the model.
+    params = {}
+    for name, (path, _) in layout.items():
+        array = jnp.asarray(read(found[name]).astype(np.float32, copy=False))
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = array
+    return params
+
+
+def _open_weights(path: Path):
+    """({key: shape}, read(key) -> np.ndarray) for a .safetensors or a torch pytorch_model.bin file."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="np") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+        def read(key):
+            # Reopen per tensor: safe_open memory-maps the file and every page a read touches stays in our
+            # resident memory until it is closed; one open for the whole loop peaks at 2x the model size.
+            with safe_open(str(path), framework="np") as f:
+                return f.get_tensor(key)
+
+        return shapes, read
+    try:
+        import torch
+    except ImportError as e:
+        raise PretrainedError(f"{path} is a torch file and torch is not installed: pip install torch, or "
+                              "use the model.safetensors of the same model (no torch needed)") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # pop: each torch tensor is freed once its float32 copy is in the tree.
+    return {k: tuple(v.shape) for k, v in state.items()}, lambda key: state.pop(key).float().numpy()
+
+
+# -------------------------------------------------------------------------------------------------- saving
+
+
+def save_pretrained(config: GPTConfig, params, folder) -> None:
+    """Write config.json + model.safetensors (float32, hub layout) that transformers' GPT2LMHeadModel loads."""
+    if config.model != "gpt":
+        raise PretrainedError(f"only the GPT model has a HuggingFace GPT-2 form, not {config.model!r}")
+    if not config.bias:
+        raise PretrainedError("HF GPT-2 always has biases in its Linears and LayerNorms: a bias=False model "
+                              "cannot be saved in its format")
+    layout = hf_layout(config)
+    leaves = {tuple(k.key for k in kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    expected = {path: (name, shape) for name, (path, shape) in layout.items()}
+    problems = [f"unexpected parameter {'/'.join(p)}" for p in leaves if p not in expected]
+    problems += [f"missing parameter {'/'.join(p)}" for p in expected if p not in leaves]
+    problems += [f"{'/'.join(p)} has shape {list(leaves[p].shape)}, the config implies {list(s)}"
+                 for p, (_, s) in expected.items() if p in leaves and tuple(leaves[p].shape) != s]
+    if problems:
+        raise PretrainedError("params do not match the config: " + "; ".join(problems))
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+    tensors = {name: np.asarray(leaves[path], dtype=np.float32) for name, (path, _) in layout.items()}
+    # transformers refuses safetensors files without format metadata.
+    safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
