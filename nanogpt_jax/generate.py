@@ -68,6 +68,6 @@ def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, tem
                                                      i, axis=1)
         return tokens, None
 
-    first = T0 + n_cached
-    tokens, _ = jax.lax.scan(cropped_step, tokens, jnp.arange(first, total))
+    if T0 + n_cached < total:
+        tokens, _ = jax.lax.scan(cropped_step, tokens, jnp.arange(T0 + n_cached, total))
     return tokens

@@ -1,0 +1,104 @@
+"""generate: KV-cached decoding against a naive recompute-everything reference (nanoGPT's sample loop)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanogpt_jax import GPTConfig, generate, init_params, make_model
+from nanogpt_jax.generate import sample_logits
+
+CONFIG = GPTConfig(block_size=8, vocab_size=23, n_layer=2, n_head=2, n_embd=16, bias=True)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = init_params(CONFIG, jax.random.PRNGKey(0))
+    # Larger-than-init weights give peaked, varied logits, so a wrong context changes the argmax.
+    return jax.tree.map(lambda x: x * 8.0, p)
+
+
+def naive_greedy(config, params, prompt, max_new_tokens):
+    """nanoGPT's loop: crop to the last block_size tokens, run the whole forward, take the argmax."""
+    model = make_model(config)
+    idx = np.asarray(prompt)
+    for _ in range(max_new_tokens):
+        logits, _ = model.apply({"params": params}, jnp.asarray(idx[:, -config.block_size:]))
+        idx = np.concatenate([idx, np.argmax(np.asarray(logits[:, -1]), axis=-1)[:, None]], axis=1)
+    return idx
+
+
+@pytest.mark.parametrize("t0,new", [(1, 5), (3, 5), (1, 7), (1, 8), (3, 20), (8, 6), (11, 9)])
+def test_greedy_equals_naive_inside_and_beyond_block_size(params, t0, new):
+    prompt = jax.random.randint(jax.random.PRNGKey(t0), (2, t0), 0, CONFIG.vocab_size)
+    out = generate(CONFIG, params, prompt, new, key=jax.random.PRNGKey(1), temperature=0.0)
+    assert out.shape == (2, t0 + new) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), naive_greedy(CONFIG, params, prompt, new))
+
+
+def test_top_k_one_equals_greedy(params):
+    prompt = jnp.array([[1, 2, 3]], jnp.int32)
+    greedy = generate(CONFIG, params, prompt, 12, key=jax.random.PRNGKey(0), temperature=0.0)
+    top1 = generate(CONFIG, params, prompt, 12, key=jax.random.PRNGKey(5), temperature=1.3, top_k=1)
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+
+
+def test_batch_rows_equal_one_prompt_at_a_time(params):
+    prompts = jax.random.randint(jax.random.PRNGKey(3), (4, 3), 0, CONFIG.vocab_size)
+    batch = generate(CONFIG, params, prompts, 15, key=jax.random.PRNGKey(0), temperature=0.0)
+    for i in range(4):
+        row = generate(CONFIG, params, prompts[i:i + 1], 15, key=jax.random.PRNGKey(0), temperature=0.0)
+        np.testing.assert_array_equal(np.asarray(batch[i]), np.asarray(row[0]))
+
+
+def test_sampling_is_seeded_and_varied(params):
+    prompt = jnp.zeros((3, 1), jnp.int32)
+    a = generate(CONFIG, params, prompt, 20, key=jax.random.PRNGKey(0), temperature=1.0)
+    b = generate(CONFIG, params, prompt, 20, key=jax.random.PRNGKey(0), temperature=1.0)
+    c = generate(CONFIG, params, prompt, 20, key=jax.random.PRNGKey(1), temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    assert len({tuple(r) for r in np.asarray(a).tolist()}) > 1  # rows are sampled independently
+
+
+def test_one_compilation_per_shape(params):
+    prompt = jnp.zeros((1, 2), jnp.int32)
+    generate(CONFIG, params, prompt, 10, key=jax.random.PRNGKey(0), temperature=0.5)
+    before = generate._cache_size()
+    for t in (0.1, 0.7, 1.0):  # temperature and key are traced: no new compilation
+        generate(CONFIG, params, prompt, 10, key=jax.random.PRNGKey(int(t * 10)), temperature=t)
+    assert generate._cache_size() == before
+
+
+def test_top_k_and_top_p_keep_exactly_the_reference_sets():
+    logits = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+
+    def drawn(**kw):
+        ids = jax.vmap(lambda k: sample_logits(logits, k, 1.0, **kw))(keys)
+        return set(np.asarray(ids).ravel().tolist())
+
+    assert drawn(top_k=2) == {1, 3}  # the two most likely
+    # nucleus: sorted probs .4 .3 .15 .1 .05; mass before each: 0 .4 .7 .85 .95
+    assert drawn(top_p=0.5) == {1, 3}
+    assert drawn(top_p=0.75) == {1, 3, 4}
+    assert drawn(top_p=0.01) == {1}  # the argmax always stays
+    assert drawn() == {0, 1, 2, 3, 4}
+
+
+def test_sampling_follows_the_softmax_distribution():
+    probs = np.array([0.1, 0.6, 0.3])
+    keys = jax.random.split(jax.random.PRNGKey(1), 20000)
+    ids = np.asarray(jax.vmap(lambda k: sample_logits(jnp.log(probs)[None], k, 1.0))(keys)).ravel()
+    np.testing.assert_allclose(np.bincount(ids, minlength=3) / len(ids), probs, atol=0.015)
+    # temperature 0.5 squares the odds: p^2 / sum(p^2)
+    ids = np.asarray(jax.vmap(lambda k: sample_logits(jnp.log(probs)[None], k, 0.5))(keys)).ravel()
+    np.testing.assert_allclose(np.bincount(ids, minlength=3) / len(ids), probs**2 / np.sum(probs**2), atol=0.015)
+
+
+def test_bigram_generate_matches_naive():
+    config = GPTConfig(block_size=4, vocab_size=11, model="bigram")
+    params = jax.tree.map(lambda x: x * 50.0, init_params(config, jax.random.PRNGKey(2)))
+    prompt = jnp.array([[3, 4]], jnp.int32)
+    out = generate(config, params, prompt, 9, key=jax.random.PRNGKey(0), temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out), naive_greedy(config, params, prompt, 9))
