@@ -107,6 +107,11 @@ class Run:
         self.eval = jax.jit(partial(eval_step, model=self.model),
                             in_shardings=(rep, parallel.batch_sharding(self.mesh, 0)), out_shardings=rep)
 
+    def init_state(self, params) -> TrainState:
+        """Fresh optimizer state for `params`, both replicated over the mesh."""
+        params = jax.device_put(params, parallel.replicated(self.mesh))
+        return TrainState(params, jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params))
+
     def batch(self, split: str, shape, *key):
         """This process's rows of a batch; the window choice is a pure function of (seed, key..., process)."""
         split_id = ("train", "val").index(split)
@@ -124,25 +129,26 @@ class Run:
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
-    """(GPTConfig, params, opt_state or None, base rng, iter_num, best_val_loss) for cfg.init_from."""
+    """(GPTConfig, params, base rng, iter_num, best_val_loss) for cfg.init_from; params and rng are
+    None on resume (they are restored once the run's layout is known)."""
     meta = data.load_meta(Path(cfg.data_dir) / cfg.dataset)
     if cfg.init_from == "scratch":
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
-        return config, init_params(config, jax.random.PRNGKey(cfg.seed)), None, jax.random.PRNGKey(cfg.seed), 0, math.inf
+        return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
         record = ckpt.record("latest")
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
         saved = GPTConfig(**record["model"])
         config = dataclasses.replace(saved, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
                                      attn_impl=cfg.attn_impl, remat=cfg.remat)
-        return config, None, None, None, record["iter_num"], record["best_val_loss"]
+        return config, None, None, record["iter_num"], record["best_val_loss"]
     from .pretrained import from_pretrained
 
     config, params = from_pretrained(cfg.init_from, dtype=resolve_dtype(cfg.dtype))
     config = dataclasses.replace(config, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
     if cfg.block_size < config.block_size:
         config, params = crop_block_size(config, params, cfg.block_size)
-    return config, params, None, jax.random.PRNGKey(cfg.seed), 0, math.inf
+    return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -157,20 +163,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def _train(cfg, ckpt, out_dir, log):
-    config, params, opt_state, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
+    config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
     rep = parallel.replicated(run.mesh)
     if params is None:  # resume: restore everything onto the replicated layout
         shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
         optimizer = {"opt_state": jax.eval_shape(run.tx.init, shapes), "rng": jax.random.PRNGKey(0)}
         restored = ckpt.restore("latest", params=abstract(shapes, rep), optimizer=abstract(optimizer, rep))
-        params = restored["params"]
-        opt_state, rng = restored["optimizer"]["opt_state"], restored["optimizer"]["rng"]
+        state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
+        rng = restored["optimizer"]["rng"]
     else:
-        params = jax.device_put(params, rep)
-        opt_state = jax.jit(run.tx.init, out_shardings=rep)(params)
-    state = TrainState(params, opt_state)
-    n_params = num_params(params)
+        state = run.init_state(params)
+    n_params = num_params(state.params)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * config.block_size
     peak = mfu.peak_flops(run.mesh.devices.flat[0].device_kind, config.dtype)
     flops_per_iter = mfu.flops_per_token(config, n_params) * tokens_per_iter
