@@ -19,6 +19,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
+from .config import UserError
 from .model import DTYPES, GPTConfig, init_params
 
 _SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -44,7 +45,7 @@ _HF_FIXED = {
 }
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A checkpoint could not be found or read, or does not fit GPT-2; the message says what and where."""
 
 
