@@ -3,5 +3,7 @@
 from .checkpoint import load_checkpoint
 from .generate import generate
 from .model import GPT, GPTConfig, init_params, make_model
+from .pretrained import from_pretrained, save_pretrained
 
-__all__ = ["GPT", "GPTConfig", "generate", "init_params", "load_checkpoint", "make_model"]
+__all__ = ["GPT", "GPTConfig", "from_pretrained", "generate", "init_params", "load_checkpoint", "make_model",
+           "save_pretrained"]
