@@ -51,7 +51,7 @@ def bench_train(cfg: BenchConfig) -> dict:
         key = jax.random.PRNGKey(0)
         times = []
         for it in range(cfg.steps + 1):
-            batch = run.batch("train", (cfg.gradient_accumulation_steps, cfg.batch_size), it)
+            batch = run.train_batch(it)
             t0 = time.perf_counter()
             state, loss = run.step(state, batch, jax.random.fold_in(key, it))
             jax.block_until_ready(loss)
@@ -60,6 +60,7 @@ def bench_train(cfg: BenchConfig) -> dict:
     tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     return {"bench": "train", "params_M": num_params(state.params) / 1e6, "devices": run.mesh.size,
             "batch": f"{cfg.gradient_accumulation_steps}x{cfg.batch_size}x{cfg.block_size}",
+            "micro_batch": run.micro_batch_size,
             "ms_per_iter": dt * 1000, "tokens_per_sec": tokens / dt, "compile_s": times[0],
             "peak_rss_gb": peak_rss_gb()}
 

@@ -36,6 +36,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 40
     batch_size: int = 12
     block_size: int = 1024
+    # rows per forward/backward pass (0 = batch_size): the step accumulates gradients over the pieces,
+    # so the update is the same while activation memory shrinks; often faster on CPU too
+    micro_batch_size: int = 0
     # model
     model: str = "gpt"  # 'gpt' or 'bigram'
     n_layer: int = 12
@@ -77,6 +80,31 @@ class SampleConfig:
     seed: int = 1337
     dtype: str = "auto"
     data_dir: str = "data"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    init_from: str = "resume"  # 'resume' (the checkpoint in out_dir) or a GPT-2 name / HF folder
+    out_dir: str = "out"
+    checkpoint: str = "latest"  # 'latest' or 'best'
+    dataset: str | None = None  # None: the run's dataset (resume), else openwebtext
+    data_dir: str | None = None  # None: the run's data_dir (resume), else 'data'
+    split: str = "val"  # 'val' or 'train'
+    input: str | None = None  # a plain text file to evaluate instead of a dataset split
+    batch_size: int = 12
+    block_size: int | None = None  # None: the model's context length; smaller crops it
+    eval_iters: int = 200  # random batches, as train's estimate; 0 = every non-overlapping window once
+    seed: int = 1337
+    dtype: str = "auto"
+    eval_only: bool = True  # accepted so that nanoGPT's eval configs run here too; eval never trains
+
+
+@dataclasses.dataclass
+class ConvertConfig:
+    init_from: str = "resume"  # 'resume': out_dir's checkpoint -> hf_dir; a GPT-2 name / HF folder -> out_dir
+    out_dir: str = "out"
+    checkpoint: str = "latest"  # which checkpoint to export: 'latest' or 'best'
+    hf_dir: str | None = None  # the HuggingFace folder to write (export only)
 
 
 # nanoGPT options that mean nothing here: accepted so that nanoGPT command lines run, with a note.

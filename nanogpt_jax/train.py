@@ -100,7 +100,10 @@ class Run:
         self.meta = data.load_meta(dataset_dir)  # the vocabulary, kept in checkpoints for sampling
         self.model = make_model(config)
         self.tx = make_optimizer(cfg)
-        self.mesh = parallel.data_mesh(cfg.batch_size, cfg.num_devices)
+        self.micro_batch_size = cfg.micro_batch_size or cfg.batch_size
+        if self.micro_batch_size < 0 or cfg.batch_size % self.micro_batch_size:
+            raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} must divide --batch_size={cfg.batch_size}")
+        self.mesh = parallel.data_mesh(self.micro_batch_size, cfg.num_devices)
         rep = parallel.replicated(self.mesh)
         self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx), donate_argnums=0,
                             in_shardings=(rep, parallel.batch_sharding(self.mesh, 1), rep), out_shardings=rep)
@@ -112,18 +115,24 @@ class Run:
         params = jax.device_put(params, parallel.replicated(self.mesh))
         return TrainState(params, jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params))
 
-    def batch(self, split: str, shape, *key):
-        """This process's rows of a batch; the window choice is a pure function of (seed, key..., process)."""
-        split_id = ("train", "val").index(split)
-        x, y = data.get_batch(self.splits[split], self.config.block_size, shape,
-                              (self.cfg.seed, split_id, jax.process_index(), *key))
-        return parallel.put_batch(self.mesh, len(shape) - 1, x, y)
+    def windows(self, split: str, shape, *key):
+        """Host (x, y) windows of `shape + (T,)`, chosen as a pure function of (seed, split, process, key...)."""
+        return data.get_batch(self.splits[split], self.config.block_size, shape,
+                              (self.cfg.seed, ("train", "val").index(split), jax.process_index(), *key))
+
+    def train_batch(self, iter_num: int):
+        """The step's (A * B / M, M, T) micro-batches: gradient_accumulation_steps (A) batches of
+        batch_size (B) rows, each cut into micro_batch_size (M) pieces (the same update, less memory)."""
+        A, B, M = self.cfg.gradient_accumulation_steps, self.cfg.batch_size, self.micro_batch_size
+        shape = (A * B // M, M, self.config.block_size)
+        x, y = self.windows("train", (A, B), iter_num)
+        return parallel.put_batch(self.mesh, 1, x.reshape(shape), y.reshape(shape))
 
     def estimate_loss(self, params, it: int) -> dict:
         out = {}
         for split in ("train", "val"):
-            losses = [self.eval(params, self.batch(split, (self.cfg.batch_size,), it, k))
-                      for k in range(self.cfg.eval_iters)]
+            batches = (self.windows(split, (self.cfg.batch_size,), it, k) for k in range(self.cfg.eval_iters))
+            losses = [self.eval(params, parallel.put_batch(self.mesh, 0, *b)) for b in batches]
             out[split] = float(np.mean(jax.device_get(losses)))
         return out
 
@@ -201,8 +210,7 @@ def _train(cfg, ckpt, out_dir, log):
             t0, timed = time.perf_counter(), 0  # evaluation time is not step time
         if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
             break
-        batch = run.batch("train", (cfg.gradient_accumulation_steps, cfg.batch_size), iter_num)
-        state, loss = run.step(state, batch, jax.random.fold_in(rng, iter_num))
+        state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
         timed += 1
         if iter_num % cfg.log_interval == 0:
             loss = float(loss)  # waits for the step: the clock below is honest
