@@ -1,0 +1,121 @@
+"""Options with nanoGPT's names: config files, --key=value overrides, and the errors for bad ones."""
+
+import dataclasses
+
+import pytest
+
+from conftest import REPO
+from nanogpt_jax.config import ConfigError, SampleConfig, TrainConfig, UserError, parse
+
+CONFIGS = REPO / "configs"
+
+
+def test_defaults_are_nanogpts_train_py():
+    cfg = parse(TrainConfig, [])
+    # nanoGPT's train.py defaults (GPT-2 124M on OpenWebText)
+    expected = dict(out_dir="out", eval_interval=2000, log_interval=1, eval_iters=200, eval_only=False,
+                    always_save_checkpoint=True, init_from="scratch", dataset="openwebtext",
+                    gradient_accumulation_steps=40, batch_size=12, block_size=1024, n_layer=12, n_head=12,
+                    n_embd=768, dropout=0.0, bias=False, learning_rate=6e-4, max_iters=600000,
+                    weight_decay=1e-1, beta1=0.9, beta2=0.95, grad_clip=1.0, decay_lr=True, warmup_iters=2000,
+                    lr_decay_iters=600000, min_lr=6e-5)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+def test_cpu_config_file_loads_nanogpts_cpu_recipe():
+    cfg = parse(TrainConfig, [str(CONFIGS / "shakespeare_char_cpu.py")])
+    # nanoGPT README: train_shakespeare_char.py with --device=cpu --compile=False --eval_iters=20
+    # --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+    # --lr_decay_iters=2000 --dropout=0.0
+    expected = dict(dataset="shakespeare_char", eval_iters=20, log_interval=1, block_size=64, batch_size=12,
+                    n_layer=4, n_head=4, n_embd=128, max_iters=2000, lr_decay_iters=2000, dropout=0.0,
+                    gradient_accumulation_steps=1, learning_rate=1e-3, min_lr=1e-4, beta2=0.99,
+                    warmup_iters=100, eval_interval=250, always_save_checkpoint=False)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+def test_file_then_overrides_in_order():
+    cfg = parse(TrainConfig, [str(CONFIGS / "shakespeare_char.py"), "--batch_size=32", "--dropout=0.1",
+                              "--bias=True", "--dataset=shakespeare", "--out_dir=runs/a b"])
+    # nanoGPT's config/train_shakespeare_char.py, then the overrides
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.max_iters) == (6, 6, 384, 256, 5000)
+    assert (cfg.batch_size, cfg.dropout, cfg.bias, cfg.dataset, cfg.out_dir) == (32, 0.1, True, "shakespeare",
+                                                                                 "runs/a b")
+    # a later value wins, including a file after an override
+    assert parse(TrainConfig, ["--n_layer=2", str(CONFIGS / "shakespeare_char.py")]).n_layer == 6
+    assert parse(TrainConfig, [str(CONFIGS / "shakespeare_char.py"), "--n_layer=2"]).n_layer == 2
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown option --learnin_rate .*did you mean --learning_rate\?"):
+        parse(TrainConfig, ["--learnin_rate=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown option --zzz") as e:
+        parse(TrainConfig, ["--zzz=1"])
+    assert "did you mean" not in str(e.value)
+    assert issubclass(ConfigError, UserError)
+
+
+def test_unknown_key_in_config_file_names_file(tmp_path):
+    f = tmp_path / "my.py"
+    f.write_text("n_layers = 3\n")
+    with pytest.raises(ConfigError, match=r"--n_layers .*my\.py.*did you mean --n_layer"):
+        parse(TrainConfig, [str(f)])
+
+
+def test_wrong_type_says_expected_type():
+    with pytest.raises(ConfigError, match=r"--max_iters='abc'.*expected int, got str"):
+        parse(TrainConfig, ["--max_iters='abc'"])
+    with pytest.raises(ConfigError, match=r"expected int, got float"):
+        parse(TrainConfig, ["--batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"expected bool, got int"):
+        parse(TrainConfig, ["--bias=1"])
+    with pytest.raises(ConfigError, match=r"expected int, got bool"):
+        parse(TrainConfig, ["--max_iters=True"])
+    with pytest.raises(ConfigError, match=r"expected float, got str"):
+        parse(TrainConfig, ["--learning_rate=fast"])
+
+
+def test_int_accepted_for_float_and_none_for_optional():
+    cfg = parse(TrainConfig, ["--learning_rate=1", "--dropout=0"])
+    assert cfg.learning_rate == 1.0 and type(cfg.learning_rate) is float
+    assert cfg.dropout == 0.0 and type(cfg.dropout) is float
+    s = parse(SampleConfig, ["--top_k=None", "--top_p=0.9", "--temperature=1", "--num_samples=2"])
+    assert s.top_k is None and s.top_p == 0.9 and s.temperature == 1.0 and s.num_samples == 2
+    assert parse(SampleConfig, ["--top_k=5"]).top_k == 5
+    with pytest.raises(ConfigError, match=r"expected int or None"):
+        parse(SampleConfig, ["--top_k=0.5"])
+    assert parse(TrainConfig, ["--attn_impl=None"]).attn_impl is None
+    assert parse(TrainConfig, ["--attn_impl=cudnn"]).attn_impl == "cudnn"
+
+
+def test_malformed_arguments():
+    with pytest.raises(ConfigError, match=r"--max_iters: write options as --key=value"):
+        parse(TrainConfig, ["--max_iters"])
+    with pytest.raises(ConfigError, match=r"config file .*nope\.py not found"):
+        parse(TrainConfig, ["nope.py"])
+    with pytest.raises(ConfigError, match=r"expected a CONFIG.py file or --key=value"):
+        parse(TrainConfig, ["max_iters=3"])
+
+
+def test_nanogpt_only_options_give_notes():
+    notes = []
+    cfg = parse(TrainConfig, ["--compile=False", "--device=cpu", "--wandb_log=False", "--max_iters=7"], notes)
+    assert cfg.max_iters == 7
+    assert len(notes) == 3 and all("has no effect" in n for n in notes)
+    assert notes[0].startswith("--compile")
+    assert cfg == dataclasses.replace(TrainConfig(), max_iters=7)
+
+
+def test_command_line_values_are_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    payload = "__import__('os').system('touch X')"
+    cfg = parse(TrainConfig, [f"--out_dir={payload}"])
+    assert cfg.out_dir == payload
+    assert not (tmp_path / "X").exists()
+    with pytest.raises(ConfigError):
+        parse(TrainConfig, [f"--max_iters={payload}"])
+    assert not (tmp_path / "X").exists()
+    # literals are parsed: quoted strings lose their quotes, bare words stay strings
+    assert parse(TrainConfig, ["--dataset='shakespeare_char'"]).dataset == "shakespeare_char"
+    assert parse(TrainConfig, ["--dataset=shakespeare_char"]).dataset == "shakespeare_char"
+    assert parse(SampleConfig, ["--start='\\n'"]).start == "\n"

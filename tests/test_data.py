@@ -1,0 +1,149 @@
+"""Dataset preparation and batches against nanoGPT's published token counts and naive recomputations."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import nanogpt_jax.data as data
+from nanogpt_jax.data import DataError, Tokenizer, get_batch, load_meta, open_split, prepare
+
+
+def test_prepare_char_counts_and_files(char_data, input_text):
+    data_dir, info = char_data
+    # nanoGPT's data/shakespeare_char/prepare.py prints these
+    assert info["vocab_size"] == 65
+    assert info["train_tokens"] == 1_003_854
+    assert info["val_tokens"] == 111_540
+    folder = data_dir / "shakespeare_char"
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (1_003_854, 111_540)
+    assert os.path.getsize(folder / "train.bin") == 2 * 1_003_854  # raw uint16, no header
+    # the vocabulary is the sorted set of characters, and it round-trips the text
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    assert meta["vocab_size"] == 65 and meta["itos"] == sorted(set(input_text))
+    itos = meta["itos"]
+    assert "".join(itos[i] for i in train) + "".join(itos[i] for i in val) == input_text
+    n = len(input_text)
+    assert "".join(itos[i] for i in val) == input_text[int(n * 0.9):]
+    tok = Tokenizer(load_meta(folder))
+    assert tok.decode(tok.encode("ROMEO:\nO, she doth teach")) == "ROMEO:\nO, she doth teach"
+    assert tok.encode("\n !") == [itos.index(c) for c in "\n !"]
+
+
+def test_prepare_bpe_counts(bpe_data, input_text):
+    import tiktoken
+
+    data_dir, info = bpe_data
+    # nanoGPT's data/shakespeare/prepare.py: "train has 301,966 tokens", "val has 36,059 tokens"
+    assert info["train_tokens"] == 301_966
+    assert info["val_tokens"] == 36_059
+    assert info["vocab_size"] == 50257
+    folder = data_dir / "shakespeare"
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (301_966, 36_059)
+    enc = tiktoken.get_encoding("gpt2")
+    assert enc.decode(train.tolist()) + enc.decode(val.tolist()) == input_text
+    assert load_meta(folder) is None  # GPT-2 BPE: no character vocabulary
+    tok = Tokenizer(None)
+    assert tok.encode("Hello world, my dog is cute") == [15496, 995, 11, 616, 3290, 318, 13779]
+
+
+def test_nanogpt_meta_pkl_loads(tmp_path, input_text):
+    chars = sorted(set(input_text))
+    meta = {"vocab_size": len(chars), "itos": {i: c for i, c in enumerate(chars)},
+            "stoi": {c: i for i, c in enumerate(chars)}}
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    loaded = load_meta(tmp_path)
+    assert loaded == {"vocab_size": 65, "itos": chars}
+    tok = Tokenizer(loaded)
+    assert tok.encode("First Citizen:") == [meta["stoi"][c] for c in "First Citizen:"]
+    with pytest.raises(DataError, match="not in this dataset's vocabulary"):
+        tok.encode("é")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_meta_pkl_is_refused(tmp_path):
+    marker = tmp_path / "PWNED"
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 2, "itos": {0: "a", 1: _Evil(marker)}}, f)
+    with pytest.raises(DataError, match="system"):
+        load_meta(tmp_path)
+    assert not marker.exists()
+
+
+def test_prepare_offline_without_input_says_use_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # closed loopback port
+    with pytest.raises(DataError, match="--input"):
+        prepare("shakespeare_char", data_dir=str(tmp_path))
+
+
+def test_prepare_reads_input_txt_already_in_the_dataset_folder(tmp_path, monkeypatch, input_txt):
+    """nanoGPT's layout keeps input.txt next to train.bin: a copy there is used, nothing is downloaded."""
+    folder = tmp_path / "shakespeare_char"
+    folder.mkdir()
+    (folder / "input.txt").write_bytes(input_txt.read_bytes())
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    info = prepare("shakespeare_char", data_dir=str(tmp_path))
+    assert (info["vocab_size"], info["train_tokens"], info["val_tokens"]) == (65, 1_003_854, 111_540)
+
+
+def test_prepare_bad_arguments(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        prepare("openwebtext", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="no such file"):
+        prepare("shakespeare_char", data_dir=str(tmp_path), input_path=str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="prepare shakespeare_char"):
+        open_split(tmp_path / "shakespeare_char", "train")
+
+
+def test_get_batch_windows_come_from_the_data():
+    data_arr = np.arange(1000, dtype=np.uint16) * 7 % 65535
+    T = 16
+    x, y = get_batch(data_arr, T, (3, 4), (1337, 0, 0, 5))
+    assert x.shape == y.shape == (3, 4, T) and x.dtype == np.int32
+    np.testing.assert_array_equal(x[..., 1:], y[..., :-1])  # y is x shifted by one
+    for a in range(3):
+        for b in range(4):
+            i = int(np.flatnonzero(data_arr == x[a, b, 0])[0])  # values are distinct: recover the offset
+            assert 0 <= i <= len(data_arr) - T - 1
+            np.testing.assert_array_equal(x[a, b], data_arr[i:i + T])
+            np.testing.assert_array_equal(y[a, b], data_arr[i + 1:i + 1 + T])
+
+
+def test_get_batch_is_a_function_of_its_key():
+    data_arr = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    a = get_batch(data_arr, 8, (4,), (1337, 0, 0, 3))
+    b = get_batch(data_arr, 8, (4,), (1337, 0, 0, 3))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    for other in [(1337, 0, 0, 4), (1338, 0, 0, 3), (1337, 1, 0, 3), (1337, 0, 1, 3)]:
+        assert not np.array_equal(get_batch(data_arr, 8, (4,), other)[0], a[0])
+    # the offsets are numpy's default_rng draws for that key (nothing else decides them)
+    ix = np.random.default_rng([1337, 0, 0, 3]).integers(0, len(data_arr) - 8, size=(4,))
+    np.testing.assert_array_equal(a[0], np.stack([data_arr[i:i + 8] for i in ix]))
+
+
+def test_get_batch_from_memmap_and_too_short(char_data):
+    data_dir, _ = char_data
+    split = open_split(data_dir / "shakespeare_char", "val")
+    assert isinstance(split, np.memmap) and split.dtype == np.uint16 and len(split) == 111_540
+    x, y = get_batch(split, 64, (12,), (1, 2, 3))
+    ref = np.fromfile(data_dir / "shakespeare_char" / "val.bin", dtype=np.uint16)
+    ix = np.random.default_rng([1, 2, 3]).integers(0, len(ref) - 64, size=(12,))
+    np.testing.assert_array_equal(x, np.stack([ref[i:i + 64] for i in ix]))
+    np.testing.assert_array_equal(y, np.stack([ref[i + 1:i + 65] for i in ix]))
+    with pytest.raises(DataError, match="block_size"):
+        get_batch(np.zeros(8, np.uint16), 8, (2,), (0,))
