@@ -128,6 +128,11 @@ def open_split(dataset_dir: Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+def open_dataset(dataset_dir: Path) -> tuple[dict, dict | None]:
+    """({'train': memmap, 'val': memmap}, vocabulary or None for GPT-2 BPE) of a prepared dataset."""
+    return {split: open_split(dataset_dir, split) for split in ("train", "val")}, load_meta(dataset_dir)
+
+
 def get_batch(data: np.ndarray, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
     """Random windows x, y = data[i:i+T], data[i+1:i+1+T] of `shape + (T,)`, int32.
 

@@ -95,9 +95,8 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, config: GPTConfig):
         self.cfg, self.config = cfg, config
-        dataset_dir = Path(cfg.data_dir) / cfg.dataset
-        self.splits = {s: data.open_split(dataset_dir, s) for s in ("train", "val")}
-        self.meta = data.load_meta(dataset_dir)  # the vocabulary, kept in checkpoints for sampling
+        # meta: the vocabulary, kept in checkpoints for sampling
+        self.splits, self.meta = data.open_dataset(Path(cfg.data_dir) / cfg.dataset)
         self.model = make_model(config)
         self.tx = make_optimizer(cfg)
         self.micro_batch_size = cfg.micro_batch_size or cfg.batch_size
@@ -140,7 +139,7 @@ class Run:
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     """(GPTConfig, params, base rng, iter_num, best_val_loss) for cfg.init_from; params and rng are
     None on resume (they are restored once the run's layout is known)."""
-    meta = data.load_meta(Path(cfg.data_dir) / cfg.dataset)
+    _, meta = data.open_dataset(Path(cfg.data_dir) / cfg.dataset)  # fails early if it is not prepared
     if cfg.init_from == "scratch":
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
