@@ -3,6 +3,8 @@ the base RNG key and a JSON record of the run (train config, model config, itera
 
 from pathlib import Path
 
+import dataclasses
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -77,3 +79,22 @@ def load_run(out_dir: str, kind: str = "latest"):
     finally:
         ckpt.close()
     return config, params["params"], record
+
+
+def load_model(init_from: str, out_dir: str = "out", checkpoint: str = "latest", dtype: str = "auto"):
+    """(GPTConfig, params, meta, record) of a checkpoint (init_from='resume') or a GPT-2 name / HF folder.
+
+    meta is the character vocabulary (None: GPT-2 BPE); record is the checkpoint's record (None for HF)."""
+    from .train import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    if init_from == "resume":
+        config, params, record = load_run(out_dir, checkpoint)
+        meta = record["meta"]
+    else:
+        from .convert import folder_meta
+        from .pretrained import from_pretrained
+
+        config, params = from_pretrained(init_from)
+        meta, record = folder_meta(init_from), None
+    return dataclasses.replace(config, dtype=dtype, dropout=0.0, remat=False), params, meta, record

@@ -1,4 +1,4 @@
-"""The `nanogpt-jax` command: prepare, train, sample, bench. Each is a thin shell over the package."""
+"""The `nanogpt-jax` command: prepare, train, sample, eval, convert, bench. Each is a thin shell over the package."""
 
 import sys
 
@@ -8,6 +8,11 @@ commands:
   prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare)
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
   sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
+  eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
+                                                    loss and perplexity of a checkpoint or GPT-2 on a dataset
+                                                    split or a text file (--eval_iters=0: every token once)
+  convert --init_from=gpt2|HF_DIR --out_dir=DIR     HuggingFace GPT-2 -> checkpoint (train, sample, eval it)
+  convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
   bench [--key=value ...]                           measure training step and generate speed
 """
 
@@ -29,42 +34,36 @@ def prepare(argv):
           f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")
 
 
-def train(argv):
-    from .config import TrainConfig, parse
-    from .train import train as run_training
+def options(cls, argv):
+    """Parse CONFIG.py files and --key=value into `cls`; nanoGPT options with no meaning here get a note."""
+    from .config import parse
 
     notes = []
-    cfg = parse(TrainConfig, argv, notes)
+    cfg = parse(cls, argv, notes)
     for note in notes:
-        print(note)
-    run_training(cfg)
+        print(note, file=sys.stderr)
+    return cfg
+
+
+def train(argv):
+    from .config import TrainConfig
+    from .train import train as run_training
+
+    run_training(options(TrainConfig, argv))
 
 
 def sample(argv):
-    import dataclasses
-
     import jax
     import numpy as np
 
-    from .checkpoint import load_run
-    from .config import SampleConfig, UserError, parse
+    from .checkpoint import load_model
+    from .config import SampleConfig, UserError
     from .data import Tokenizer
     from .generate import generate
-    from .train import resolve_dtype
 
-    notes = []
-    cfg = parse(SampleConfig, argv, notes)
-    for note in notes:
-        print(note, file=sys.stderr)
-    if cfg.init_from == "resume":
-        config, params, record = load_run(cfg.out_dir, cfg.checkpoint)
-        tokenizer = Tokenizer(record["meta"])
-    else:
-        from .pretrained import from_pretrained
-
-        config, params = from_pretrained(cfg.init_from)
-        tokenizer = Tokenizer(None)
-    config = dataclasses.replace(config, dtype=resolve_dtype(cfg.dtype), dropout=0.0)
+    cfg = options(SampleConfig, argv)
+    config, params, meta, _ = load_model(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.dtype)
+    tokenizer = Tokenizer(meta)
     start = cfg.start
     if start.startswith("FILE:"):
         try:
@@ -83,13 +82,29 @@ def sample(argv):
         print("---------------")
 
 
+def evaluate(argv):
+    from .config import EvalConfig
+    from .evaluate import run
+
+    r = run(options(EvalConfig, argv))
+    print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} ({r.tokens:,} tokens, {r.batches:,} batches)")
+
+
+def convert(argv):
+    from .config import ConvertConfig
+    from .convert import convert as run_convert
+
+    print(run_convert(options(ConvertConfig, argv)))
+
+
 def bench(argv):
     from .bench import main as run_bench
 
     run_bench(argv)
 
 
-COMMANDS = {"prepare": prepare, "train": train, "sample": sample, "bench": bench}
+COMMANDS = {"prepare": prepare, "train": train, "sample": sample, "eval": evaluate, "convert": convert,
+            "bench": bench}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,12 @@
+# nanoGPT's config/eval_gpt2_medium.py: evaluate the released gpt2-medium on OpenWebText.
+# 350M parameters; n_layer=24, n_head=16, n_embd=1024.
+#   nanogpt-jax eval configs/eval_gpt2_medium.py
+#   nanogpt-jax train configs/eval_gpt2_medium.py   (as nanoGPT runs it: eval_only)
+# Needs data/openwebtext/val.bin in nanoGPT's format (train also reads train.bin), e.g. from nanoGPT's
+# data/openwebtext/prepare.py.
+# nanoGPT's published OpenWebText val losses: gpt2 3.12, gpt2-medium 2.84, gpt2-large 2.67, gpt2-xl 2.54.
+batch_size = 8
+eval_iters = 500  # use more iterations to get good estimate
+eval_only = True
+init_from = "gpt2-medium"
+dataset = "openwebtext"

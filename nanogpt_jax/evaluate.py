@@ -1,0 +1,152 @@
+"""Loss and perplexity of a model (a checkpoint or released GPT-2 weights) on a dataset split or a text file.
+
+Two ways to pick the windows, both deterministic:
+  eval_iters > 0   nanoGPT's estimate: eval_iters random batches of batch_size windows, chosen exactly as
+                   `train` chooses its iteration-0 estimate (same seed -> same windows, same loss);
+  eval_iters == 0  every token after the first predicted once: non-overlapping block_size windows, the
+                   last one shorter; padding targets are -1, which `cross_entropy` ignores.
+"""
+
+import dataclasses
+import itertools
+import math
+import sys
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from . import data, parallel
+from .config import ConfigError, EvalConfig
+from .data import DataError
+from .checkpoint import load_model
+from .model import GPTConfig, crop_block_size, make_model
+from .train import eval_step, resolve_dtype
+
+SPLITS = ("train", "val")  # split ids as train's batches use them
+
+
+class EvalResult(NamedTuple):
+    loss: float  # mean cross-entropy per predicted token, nats
+    perplexity: float  # exp(loss)
+    tokens: int  # predicted tokens
+    batches: int
+    source: str  # what was evaluated, for printing
+
+
+def batches(tokens, block_size: int, batch_size: int, eval_iters: int, seed_key: tuple[int, ...] = (1337, 1)):
+    """(number of batches, iterator of host batches (x, y) int32 (batch_size, block_size))."""
+    if eval_iters > 0:
+        # train's Run.batch at iteration 0 on process 0 uses (seed, split, process, iteration, k).
+        return eval_iters, (data.get_batch(tokens, block_size, (batch_size,), (*seed_key, 0, 0, k))
+                            for k in range(eval_iters))
+    starts = range(0, len(tokens) - 1, block_size)
+
+    def gen():
+        for first in range(0, len(starts), batch_size):
+            x = np.zeros((batch_size, block_size), np.int32)
+            y = np.full((batch_size, block_size), -1, np.int32)
+            for row, s in enumerate(starts[first:first + batch_size]):
+                w = np.asarray(tokens[s:s + block_size + 1], np.int32)
+                x[row, :len(w) - 1], y[row, :len(w) - 1] = w[:-1], w[1:]
+            yield x, y
+
+    return -(-len(starts) // batch_size), gen()
+
+
+def evaluate(config: GPTConfig, params, tokens, *, batch_size: int = 12, eval_iters: int = 200,
+             seed_key: tuple[int, ...] = (1337, 1), progress: bool = False, source: str = "") -> EvalResult:
+    """Mean token cross-entropy of `params` on a 1-D token array (memmap or list), dropout off."""
+    T = config.block_size
+    if len(tokens) < 2:
+        raise DataError(f"{source or 'the text'} has {len(tokens)} token(s): at least 2 are needed")
+    if eval_iters > 0 and len(tokens) <= T:
+        raise DataError(f"{source or 'the text'} has {len(tokens):,} tokens, fewer than block_size + 1 = {T + 1} "
+                        "that a random window needs: pass --eval_iters=0 (every token once) or a smaller --block_size")
+    mesh = parallel.data_mesh(batch_size)
+    rep = parallel.replicated(mesh)
+    step = jax.jit(partial(eval_step, model=make_model(config)),
+                   in_shardings=(rep, parallel.batch_sharding(mesh, 0)), out_shardings=rep)
+    params = jax.device_put(params, rep)
+    n_batches, it = batches(tokens, T, batch_size, eval_iters, seed_key)
+
+    from tqdm import tqdm
+
+    def check(x, y):
+        hi = max(int(x.max()), int(y.max()))
+        if hi >= config.vocab_size:
+            raise DataError(f"{source or 'the data'} holds token id {hi}, outside the model's vocabulary "
+                            f"(vocab_size {config.vocab_size}): it was tokenized for another model")
+        return x, y
+
+    first = check(*next(it))  # a wrong dataset fails here, before the progress bar starts
+    total, count, pending = 0.0, 0, None  # pending: the last batch's (loss, targets), read one step late
+    bar = tqdm(total=n_batches, desc=f"eval {source}", unit="batch", disable=not progress, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s, not per batch
+    with bar:
+
+        def add(loss, n):
+            nonlocal total, count
+            total, count = total + float(loss) * n, count + n
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+            bar.update()
+
+        for x, y in itertools.chain([first], (check(x, y) for x, y in it)):
+            loss = step(params, parallel.put_batch(mesh, 0, x, y))  # mean over the batch's real targets
+            if pending is not None:
+                add(*pending)
+            pending = (loss, int(np.sum(y >= 0)))
+        add(*pending)
+    loss = total / count
+    return EvalResult(loss, math.exp(min(loss, 700.0)), count, n_batches, source)
+
+
+def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
+    """`nanogpt-jax eval`: load the model cfg names, then evaluate it on cfg's split or text file."""
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"--split={cfg.split}: use one of {', '.join(SPLITS)}")
+    if cfg.batch_size < 1 or cfg.eval_iters < 0:
+        raise ConfigError("--batch_size must be at least 1 and --eval_iters at least 0 (0 = every window once)")
+    if cfg.block_size is not None and cfg.block_size < 1:
+        raise ConfigError(f"--block_size={cfg.block_size}: must be at least 1")
+    config, params, meta, record = load_model(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.dtype)
+    if cfg.block_size is not None and cfg.block_size != config.block_size:
+        if cfg.block_size > config.block_size:
+            raise ConfigError(f"--block_size={cfg.block_size}: the model has only {config.block_size} positions; "
+                              "it can be cropped, not grown")
+        config, params = crop_block_size(config, params, cfg.block_size)
+
+    if cfg.input is not None:
+        try:
+            text = Path(cfg.input).read_text(encoding="utf-8")
+        except OSError as e:
+            raise DataError(f"--input={cfg.input}: cannot read it ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"--input={cfg.input}: not UTF-8 text") from None
+        tokens = np.asarray(data.Tokenizer(meta).encode(text), np.int64)
+        source, split_id = cfg.input, 0
+    else:
+        train = (record or {}).get("train", {})
+        dataset = cfg.dataset or train.get("dataset", "openwebtext")
+        data_dir = cfg.data_dir or train.get("data_dir", "data")
+        dataset_dir = Path(data_dir) / dataset
+        tokens = data.open_split(dataset_dir, cfg.split)
+        _check_vocabulary(meta, data.load_meta(dataset_dir), dataset_dir)
+        source, split_id = f"{dataset_dir} {cfg.split}", SPLITS.index(cfg.split)
+    return evaluate(config, params, tokens, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters,
+                    seed_key=(cfg.seed, split_id), progress=progress, source=source)
+
+
+def _check_vocabulary(model_meta, data_meta, dataset_dir):
+    """The model and the dataset must use the same tokens: both GPT-2 BPE, or the same characters."""
+    if model_meta == data_meta:
+        return
+    if model_meta is None:
+        why = "the model reads GPT-2 BPE tokens but the dataset has its own character vocabulary (meta.json)"
+    elif data_meta is None:
+        why = "the model was trained on a character vocabulary but the dataset is GPT-2 BPE (no meta.json)"
+    else:
+        why = "the model's character vocabulary differs from the dataset's meta.json"
+    raise DataError(f"{dataset_dir}: {why}; evaluate on a dataset tokenized as the model was trained")
