@@ -39,7 +39,7 @@ class EvalResult(NamedTuple):
 def batches(tokens, block_size: int, batch_size: int, eval_iters: int, seed_key: tuple[int, ...] = (1337, 1)):
     """(number of batches, iterator of host batches (x, y) int32 (batch_size, block_size))."""
     if eval_iters > 0:
-        # train's Run.batch at iteration 0 on process 0 uses (seed, split, process, iteration, k).
+        # train's Run.windows at iteration 0 on process 0 uses (seed, split, process, iteration, k).
         return eval_iters, (data.get_batch(tokens, block_size, (batch_size,), (*seed_key, 0, 0, k))
                             for k in range(eval_iters))
     starts = range(0, len(tokens) - 1, block_size)

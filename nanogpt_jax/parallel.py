@@ -13,9 +13,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 def use_all_cpu_cores() -> None:
     """Expose one host device per core before JAX starts: data parallelism across cores beats
-    XLA's intra-op threading for GPT-sized matmuls on a CPU. A user's own XLA_FLAGS setting wins."""
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    XLA's intra-op threading for GPT-sized matmuls on a CPU. A user's own XLA_FLAGS setting wins.
+
+    On a busy machine one core's device can lag the other's by more than XLA's default 40 s before a
+    collective aborts the process; give it ten minutes."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
         jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+    if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_collective_call_terminate_timeout_seconds=600".strip()
 
 
 def data_mesh(batch_size: int, num_devices: int = 0) -> Mesh:

@@ -190,7 +190,7 @@ def _train(cfg, ckpt, out_dir, log):
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
     metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
     last = {}
-    t0, timed = time.perf_counter(), 0
+    t0, timed, in_flight = time.perf_counter(), 0, None
     while True:
         if iter_num % cfg.eval_interval == 0:
             losses = run.estimate_loss(state.params, iter_num)
@@ -210,6 +210,10 @@ def _train(cfg, ckpt, out_dir, log):
         if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
             break
         state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
+        # At most two steps in flight: the next batch is still read while a step runs, but the device
+        # queue never grows with log_interval (deep queues of collectives starve host-CPU devices).
+        jax.block_until_ready(in_flight)
+        in_flight = loss
         timed += 1
         if iter_num % cfg.log_interval == 0:
             loss = float(loss)  # waits for the step: the clock below is honest
