@@ -1,0 +1,20 @@
+"""MFU: nanoGPT's FLOP count per token, and the peak looked up for the device (none invented for CPUs)."""
+
+import jax
+
+from nanogpt_jax.mfu import flops_per_token, peak_flops
+from nanogpt_jax.model import GPTConfig, init_params, num_params
+
+
+def test_flops_per_token_is_nanogpts_estimate_for_gpt2():
+    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    n = num_params(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+    # nanoGPT's estimate_mfu: 6N + 12 * L * H * Q * T with Q = head size
+    assert flops_per_token(config, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_peak_is_per_device_and_dtype_and_unknown_for_cpu():
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12  # nanoGPT's hard-coded A100 figure
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "float32") == 156e12  # TF32
+    assert peak_flops("TPU v4", "bfloat16") == 275e12
+    assert peak_flops(jax.devices("cpu")[0].device_kind, "float32") is None
