@@ -182,52 +182,52 @@ def _train(cfg, ckpt, out_dir, log):
         rng = restored["optimizer"]["rng"]
     else:
         state = run.init_state(params)
+    start_iter = iter_num
     n_params = num_params(state.params)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * config.block_size
     peak = mfu.peak_flops(run.mesh.devices.flat[0].device_kind, config.dtype)
     flops_per_iter = mfu.flops_per_token(config, n_params) * tokens_per_iter
     log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
-    metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-    last = {}
-    t0, timed, in_flight = time.perf_counter(), 0, None
-    while True:
-        if iter_num % cfg.eval_interval == 0:
-            losses = run.estimate_loss(state.params, iter_num)
-            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            _write(metrics, iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config),
-                          "meta": run.meta, "iter_num": iter_num, "best_val_loss": best_val_loss}
-                ckpt.save("latest", iter_num, state.params, state.opt_state, rng, record)
-                if improved:
-                    ckpt.save("best", iter_num, state.params, state.opt_state, rng, record)
-                log(f"saving checkpoint to {out_dir}")
-            last = losses
-            t0, timed = time.perf_counter(), 0  # evaluation time is not step time
-        if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
-            break
-        state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
-        # At most two steps in flight: the next batch is still read while a step runs, but the device
-        # queue never grows with log_interval (deep queues of collectives starve host-CPU devices).
-        jax.block_until_ready(in_flight)
-        in_flight = loss
-        timed += 1
-        if iter_num % cfg.log_interval == 0:
-            loss = float(loss)  # waits for the step: the clock below is honest
-            t1 = time.perf_counter()
-            dt = (t1 - t0) / timed
-            t0, timed = t1, 0
-            lr = float(get_lr(iter_num, cfg))
-            util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
-            log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-                f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}")
-            _write(metrics, iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
-                   tokens_per_sec=tokens_per_iter / dt, mfu=util)
-        iter_num += 1
-    metrics.close()
+    with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        last = {}
+        t0, timed, in_flight = time.perf_counter(), 0, None
+        while True:
+            if iter_num % cfg.eval_interval == 0:
+                losses = run.estimate_loss(state.params, iter_num)
+                log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                _write(metrics, iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
+                    record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config),
+                              "meta": run.meta, "iter_num": iter_num, "best_val_loss": best_val_loss}
+                    ckpt.save("latest", iter_num, state.params, state.opt_state, rng, record)
+                    if improved:
+                        ckpt.save("best", iter_num, state.params, state.opt_state, rng, record)
+                    log(f"saving checkpoint to {out_dir}")
+                last = losses
+                t0, timed = time.perf_counter(), 0  # evaluation time is not step time
+            if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
+                break
+            state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
+            # At most two steps in flight: the next batch is still read while a step runs, but the device
+            # queue never grows with log_interval (deep queues of collectives starve host-CPU devices).
+            jax.block_until_ready(in_flight)
+            in_flight = loss
+            timed += 1
+            if iter_num % cfg.log_interval == 0:
+                loss = float(loss)  # waits for the step: the clock below is honest
+                t1 = time.perf_counter()
+                dt = (t1 - t0) / timed
+                t0, timed = t1, 0
+                lr = float(get_lr(iter_num, cfg))
+                util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
+                log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
+                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}")
+                _write(metrics, iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
+                       tokens_per_sec=tokens_per_iter / dt, mfu=util)
+            iter_num += 1
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last}
 
 
