@@ -65,6 +65,15 @@ class TrainConfig:
     num_devices: int = 0  # data-parallel devices; 0 = as many of the local devices as divide batch_size
     seed: int = 1337
 
+    def __post_init__(self):
+        _at_least(self, 1, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                  "batch_size", "block_size", "n_layer", "n_head", "n_embd")
+        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"--n_embd={self.n_embd} must be a multiple of --n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout={self.dropout}: must be in [0, 1)")
+
 
 @dataclasses.dataclass
 class SampleConfig:
@@ -80,6 +89,12 @@ class SampleConfig:
     seed: int = 1337
     dtype: str = "auto"
     data_dir: str = "data"
+
+    def __post_init__(self):
+        _at_least(self, 1, "num_samples", "top_k")
+        _at_least(self, 0, "max_new_tokens", "temperature")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top_p={self.top_p}: must be in (0, 1]")
 
 
 @dataclasses.dataclass
@@ -105,6 +120,13 @@ class ConvertConfig:
     out_dir: str = "out"
     checkpoint: str = "latest"  # which checkpoint to export: 'latest' or 'best'
     hf_dir: str | None = None  # the HuggingFace folder to write (export only)
+
+
+def _at_least(cfg, low, *keys):
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"--{key}={value}: must be at least {low}")
 
 
 # nanoGPT options that mean nothing here: accepted so that nanoGPT command lines run, with a note.

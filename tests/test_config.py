@@ -119,3 +119,25 @@ def test_command_line_values_are_never_executed(tmp_path, monkeypatch):
     assert parse(TrainConfig, ["--dataset='shakespeare_char'"]).dataset == "shakespeare_char"
     assert parse(TrainConfig, ["--dataset=shakespeare_char"]).dataset == "shakespeare_char"
     assert parse(SampleConfig, ["--start='\\n'"]).start == "\n"
+
+
+@pytest.mark.parametrize("cls,arg,fragment", [
+    (TrainConfig, "--batch_size=0", "--batch_size=0: must be at least 1"),
+    (TrainConfig, "--eval_iters=0", "--eval_iters=0: must be at least 1"),
+    (TrainConfig, "--max_iters=-5", "--max_iters=-5: must be at least 0"),
+    (TrainConfig, "--n_head=5", "--n_embd=768 must be a multiple of --n_head=5"),
+    (TrainConfig, "--dropout=1.0", "--dropout=1.0: must be in [0, 1)"),
+    (SampleConfig, "--num_samples=0", "--num_samples=0: must be at least 1"),
+    (SampleConfig, "--top_k=0", "--top_k=0: must be at least 1"),
+    (SampleConfig, "--temperature=-0.5", "--temperature=-0.5: must be at least 0"),
+    (SampleConfig, "--top_p=1.5", "--top_p=1.5: must be in (0, 1]"),
+])
+def test_out_of_range_values_are_refused(cls, arg, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse(cls, [arg])
+    assert fragment in str(e.value)
+
+
+def test_in_range_edges_are_accepted():
+    assert parse(SampleConfig, ["--temperature=0", "--top_p=1.0", "--max_new_tokens=0"]).temperature == 0.0
+    assert parse(TrainConfig, ["--max_iters=0", "--dropout=0.0", "--n_head=1"]).n_head == 1
