@@ -7,7 +7,6 @@ Two ways to pick the windows, both deterministic:
                    last one shorter; padding targets are -1, which `cross_entropy` ignores.
 """
 
-import dataclasses
 import itertools
 import math
 import sys
@@ -23,7 +22,7 @@ from .config import ConfigError, EvalConfig
 from .data import DataError
 from .checkpoint import load_model
 from .model import GPTConfig, crop_block_size, make_model
-from .train import eval_step, resolve_dtype
+from .train import eval_step
 
 SPLITS = ("train", "val")  # split ids as train's batches use them
 

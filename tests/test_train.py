@@ -115,7 +115,7 @@ def torch_adamw_reference(params, grad_seq, lrs, beta1, beta2, weight_decay, gra
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v2 = {k: np.zeros_like(v) for k, v in p.items()}
     out = []
-    for t, (grads, lr) in enumerate(zip(grad_seq, lrs), start=1):
+    for t, (grads, lr) in enumerate(zip(grad_seq, lrs, strict=True), start=1):
         g = {k: np.asarray(x, np.float64) for k, x in grads.items()}
         if grad_clip > 0:
             total_norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
