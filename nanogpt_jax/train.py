@@ -81,6 +81,8 @@ def resolve_dtype(dtype: str) -> str:
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype={dtype}: use float32, bfloat16, float16 or auto")
+    if dtype == "float16" and jax.default_backend() == "cpu":  # XLA:CPU has no float16 attention kernels
+        raise ConfigError("--dtype=float16 needs a GPU; on a CPU use float32 or bfloat16")
     return dtype
 
 

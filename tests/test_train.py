@@ -20,7 +20,7 @@ from nanogpt_jax.checkpoint import Checkpointer, CheckpointError, load_run
 from nanogpt_jax.config import ConfigError, TrainConfig, parse
 from nanogpt_jax.model import GPTConfig, init_params, make_model
 from nanogpt_jax.train import (Run, TrainState, decay_mask, get_lr, make_optimizer, model_config, train,
-                               train_step)
+                               resolve_dtype, train_step)
 
 
 def quiet(*_):
@@ -444,3 +444,27 @@ def test_bigram_learns(char_data, tmp_path):
     evals = [m for m in read_metrics(tmp_path) if "val_loss" in m]
     assert abs(evals[0]["val_loss"] - math.log(65)) < 0.05
     assert evals[-1]["iter"] == 400 and evals[-1]["val_loss"] < 3.0, evals
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
+    """--dtype=bfloat16: activations in bf16, parameters, gradients and optimizer state in float32."""
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=0, lr_decay_iters=10)
+    tx = make_optimizer(cfg)
+    x = jax.random.randint(jax.random.PRNGKey(1), (1, 4, 16), 0, 65)
+    y = jnp.roll(x, -1, axis=-1)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        config = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dtype=dtype)
+        params = init_params(config, jax.random.PRNGKey(0))
+        state, loss = train_step(TrainState(params, tx.init(params)), (x, y), jax.random.PRNGKey(2),
+                                 model=make_model(config), tx=tx)
+        assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+        out[dtype] = float(loss)
+    assert out["bfloat16"] == pytest.approx(out["float32"], abs=0.02)  # bf16 keeps ~3 significant digits
+    assert out["bfloat16"] != out["float32"]  # and really computed in bf16
+
+
+def test_dtype_choice_on_cpu():
+    assert resolve_dtype("auto") == "float32"
+    with pytest.raises(ConfigError, match="float16 needs a GPU"):
+        resolve_dtype("float16")
