@@ -19,7 +19,7 @@ import numpy as np
 from .config import ConfigError, TrainConfig, parse
 from .generate import generate
 from .model import init_params, num_params
-from .train import Run, model_config
+from .train import Run, check_attn_impl, model_config
 
 
 @dataclasses.dataclass
@@ -86,6 +86,7 @@ def bench_generate(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str]) -> dict:
     cfg = parse(BenchConfig, argv)
+    check_attn_impl(cfg.attn_impl)
     runs = {"train": bench_train, "generate": bench_generate}
     if cfg.bench not in runs:
         raise ConfigError(f"--bench={cfg.bench}: use train or generate")

@@ -28,10 +28,16 @@ class Checkpointer:
 
     def save(self, kind: str, iter_num: int, params, opt_state, rng, record: dict) -> None:
         # Params apart from the rest, so that sampling restores them alone.
-        self.managers[kind].save(iter_num, args=ocp.args.Composite(
+        saved = self.managers[kind].save(iter_num, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             optimizer=ocp.args.StandardSave({"opt_state": opt_state, "rng": rng}),
             record=ocp.args.JsonSave(record)))
+        if not saved:  # orbax skips a step at or below one already on disk
+            raise CheckpointError(f"the {kind} checkpoint at iteration {iter_num} was not saved: "
+                                  f"{self.managers[kind].directory} already holds a later one")
+
+    def has_checkpoints(self) -> bool:
+        return any(mngr.latest_step() is not None for mngr in self.managers.values())
 
     def record(self, kind: str) -> dict:
         return self._restore(kind, record=ocp.args.JsonRestore())["record"]
@@ -97,4 +103,7 @@ def load_model(init_from: str, out_dir: str = "out", checkpoint: str = "latest",
 
         config, params = from_pretrained(init_from)
         meta, record = folder_meta(init_from), None
-    return dataclasses.replace(config, dtype=dtype, dropout=0.0, remat=False), params, meta, record
+    # cuDNN attention only where there is cuDNN: a model trained with it on a GPU samples anywhere
+    attn_impl = config.attn_impl if jax.default_backend() == "gpu" else None
+    config = dataclasses.replace(config, dtype=dtype, dropout=0.0, remat=False, attn_impl=attn_impl)
+    return config, params, meta, record

@@ -76,7 +76,8 @@ def sample(argv):
         raise UserError("--start is empty: give at least one character or token to start from")
     prompt = np.tile(np.asarray(ids, np.int32), (cfg.num_samples, 1))
     out = generate(config, params, prompt, cfg.max_new_tokens, key=jax.random.PRNGKey(cfg.seed),
-                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   vocab_size=min(tokenizer.vocab_size, config.vocab_size))
     for row in np.asarray(out):
         print(tokenizer.decode(row.tolist()))
         print("---------------")

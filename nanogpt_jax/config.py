@@ -73,6 +73,10 @@ class TrainConfig:
             raise ConfigError(f"--n_embd={self.n_embd} must be a multiple of --n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout={self.dropout}: must be in [0, 1)")
+        if self.model not in ("gpt", "bigram"):
+            raise ConfigError(f"--model={self.model}: use gpt or bigram")
+        if self.attn_impl not in (None, "xla", "cudnn"):
+            raise ConfigError(f"--attn_impl={self.attn_impl}: use None (XLA's choice), xla or cudnn")
 
 
 @dataclasses.dataclass
@@ -106,7 +110,7 @@ class EvalConfig:
     data_dir: str | None = None  # None: the run's data_dir (resume), else 'data'
     split: str = "val"  # 'val' or 'train'
     input: str | None = None  # a plain text file to evaluate instead of a dataset split
-    batch_size: int = 12
+    batch_size: int | None = None  # None: the run's batch_size (resume), else 12
     block_size: int | None = None  # None: the model's context length; smaller crops it
     eval_iters: int = 200  # random batches, as train's estimate; 0 = every non-overlapping window once
     seed: int = 1337

@@ -59,6 +59,8 @@ def export_hf(out_dir: str, hf_dir: str, kind: str = "latest") -> str:
     from .checkpoint import load_run
     from .pretrained import PretrainedError, save_pretrained
 
+    if Path(hf_dir).exists() and not Path(hf_dir).is_dir():
+        raise ConvertError(f"--hf_dir={hf_dir} is a file; give a folder to write config.json and model.safetensors in")
     config, params, record = load_run(out_dir, kind)
     if config.model == "gpt" and not config.bias:
         config, params = with_zero_biases(config, params)

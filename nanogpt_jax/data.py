@@ -99,16 +99,31 @@ class _PlainUnpickler(pickle.Unpickler):
         raise DataError(f"meta.pkl refers to {module}.{name}; only plain dicts are accepted")
 
 
+def check_vocabulary(model_meta, data_meta, dataset_dir):
+    """The model and the dataset must use the same tokens: both GPT-2 BPE, or the same characters."""
+    if model_meta == data_meta:
+        return
+    if model_meta is None:
+        why = "the model reads GPT-2 BPE tokens but the dataset has its own character vocabulary (meta.json)"
+    elif data_meta is None:
+        why = "the model was trained on a character vocabulary but the dataset is GPT-2 BPE (no meta.json)"
+    else:
+        why = "the model's character vocabulary differs from the dataset's meta.json"
+    raise DataError(f"{dataset_dir}: {why}; use a dataset tokenized as the model was trained")
+
+
 class Tokenizer:
     """Text <-> ids: the dataset's characters (meta.json) or GPT-2 BPE."""
 
     def __init__(self, meta: dict | None):
         if meta is None:
             enc = gpt2_encoding()
+            self.vocab_size = enc.n_vocab
             self.encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
             self.decode = enc.decode
         else:
             itos = meta["itos"]
+            self.vocab_size = len(itos)
             stoi = {ch: i for i, ch in enumerate(itos)}
             self.encode = lambda s: [self._lookup(stoi, ch) for ch in s]
             self.decode = lambda ids: "".join(itos[i] for i in ids)

@@ -106,7 +106,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     """`nanogpt-jax eval`: load the model cfg names, then evaluate it on cfg's split or text file."""
     if cfg.split not in SPLITS:
         raise ConfigError(f"--split={cfg.split}: use one of {', '.join(SPLITS)}")
-    if cfg.batch_size < 1 or cfg.eval_iters < 0:
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.eval_iters < 0:
         raise ConfigError("--batch_size must be at least 1 and --eval_iters at least 0 (0 = every window once)")
     if cfg.block_size is not None and cfg.block_size < 1:
         raise ConfigError(f"--block_size={cfg.block_size}: must be at least 1")
@@ -117,6 +117,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
                               "it can be cropped, not grown")
         config, params = crop_block_size(config, params, cfg.block_size)
 
+    train = (record or {}).get("train", {})  # a checkpoint's run: its dataset, folder and batch size
     if cfg.input is not None:
         try:
             text = Path(cfg.input).read_text(encoding="utf-8")
@@ -127,25 +128,12 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
         tokens = np.asarray(data.Tokenizer(meta).encode(text), np.int64)
         source, split_id = cfg.input, 0
     else:
-        train = (record or {}).get("train", {})
         dataset = cfg.dataset or train.get("dataset", "openwebtext")
         data_dir = cfg.data_dir or train.get("data_dir", "data")
         dataset_dir = Path(data_dir) / dataset
         tokens = data.open_split(dataset_dir, cfg.split)
-        _check_vocabulary(meta, data.load_meta(dataset_dir), dataset_dir)
+        data.check_vocabulary(meta, data.load_meta(dataset_dir), dataset_dir)
         source, split_id = f"{dataset_dir} {cfg.split}", SPLITS.index(cfg.split)
-    return evaluate(config, params, tokens, batch_size=cfg.batch_size, eval_iters=cfg.eval_iters,
+    batch_size = cfg.batch_size or train.get("batch_size", 12)
+    return evaluate(config, params, tokens, batch_size=batch_size, eval_iters=cfg.eval_iters,
                     seed_key=(cfg.seed, split_id), progress=progress, source=source)
-
-
-def _check_vocabulary(model_meta, data_meta, dataset_dir):
-    """The model and the dataset must use the same tokens: both GPT-2 BPE, or the same characters."""
-    if model_meta == data_meta:
-        return
-    if model_meta is None:
-        why = "the model reads GPT-2 BPE tokens but the dataset has its own character vocabulary (meta.json)"
-    elif data_meta is None:
-        why = "the model was trained on a character vocabulary but the dataset is GPT-2 BPE (no meta.json)"
-    else:
-        why = "the model's character vocabulary differs from the dataset's meta.json"
-    raise DataError(f"{dataset_dir}: {why}; evaluate on a dataset tokenized as the model was trained")

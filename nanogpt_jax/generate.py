@@ -31,16 +31,22 @@ def sample_logits(logits_BV, key, temperature, top_k: int | None = None, top_p: 
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p"))
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p", "vocab_size"))
 def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, temperature=1.0,
-             top_k: int | None = None, top_p: float | None = None):
-    """Continue int32 prompts (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens)."""
+             top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None):
+    """Continue int32 prompts (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens).
+
+    `vocab_size` limits sampling to the tokenizer's ids when the model's vocabulary is padded
+    (nanoGPT trains GPT-2 BPE models with 50304 outputs for 50257 tokens)."""
     model = make_model(config)
     B, T0 = prompt.shape
     S, total = config.block_size, T0 + max_new_tokens
     tokens = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(prompt.astype(jnp.int32))
     keys = jax.random.split(key, max(max_new_tokens, 1))
-    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def sample(logits_BV, k):
+        return sample_logits(logits_BV[:, :vocab_size], k, temperature, top_k, top_p)
+
     apply = partial(model.apply, {"params": params}, last_only=True)
     if max_new_tokens == 0:
         return tokens

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .config import ConfigError
+
 
 def use_all_cpu_cores() -> None:
     """Expose one host device per core before JAX starts: data parallelism across cores beats
@@ -30,7 +32,7 @@ def data_mesh(batch_size: int, num_devices: int = 0) -> Mesh:
     if num_devices <= 0:
         num_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
     elif num_devices > len(devices) or batch_size % num_devices:
-        raise ValueError(f"--num_devices={num_devices}: need at most {len(devices)} devices and a "
+        raise ConfigError(f"--num_devices={num_devices}: need at most {len(devices)} devices and a "
                          f"batch_size ({batch_size}) divisible by it")
     return Mesh(np.array(devices[:num_devices]), ("data",))
 

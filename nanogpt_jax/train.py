@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from . import data, mfu, parallel
-from .checkpoint import Checkpointer, abstract
+from .checkpoint import CheckpointError, Checkpointer, abstract
 from .config import ConfigError, TrainConfig
 from .model import GPTConfig, crop_block_size, cross_entropy, init_params, make_model, num_params
 
@@ -42,8 +42,10 @@ def decay_mask(params):
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(partial(get_lr, cfg=cfg), b1=cfg.beta1, b2=cfg.beta2,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
-    # Clipping sits before AdamW so it sees the gradient averaged over micro-batches (and devices).
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    # Clipping sits before AdamW so it sees the gradient averaged over micro-batches (and devices); the
+    # chain keeps one structure with or without it, so a run resumes under another --grad_clip.
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
 
 
 def loss_fn(params, model, x_BT, y_BT, key):
@@ -84,6 +86,12 @@ def resolve_dtype(dtype: str) -> str:
     if dtype == "float16" and jax.default_backend() == "cpu":  # XLA:CPU has no float16 attention kernels
         raise ConfigError("--dtype=float16 needs a GPU; on a CPU use float32 or bfloat16")
     return dtype
+
+
+def check_attn_impl(attn_impl: str | None) -> None:
+    if attn_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"--attn_impl=cudnn needs an NVIDIA GPU (this is {jax.default_backend()}); "
+                          "leave it unset or use xla")
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
@@ -141,21 +149,33 @@ class Run:
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     """(GPTConfig, params, base rng, iter_num, best_val_loss) for cfg.init_from; params and rng are
     None on resume (they are restored once the run's layout is known)."""
-    _, meta = data.open_dataset(Path(cfg.data_dir) / cfg.dataset)  # fails early if it is not prepared
+    dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    _, meta = data.open_dataset(dataset_dir)  # fails early if it is not prepared
     if cfg.init_from == "scratch":
+        if ckpt.has_checkpoints():
+            raise CheckpointError(f"{cfg.out_dir} already holds a run's checkpoints: continue it with "
+                                  "--init_from=resume, or train into a new --out_dir")
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
         record = ckpt.record("latest")
+        data.check_vocabulary(record["meta"], meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
         saved = GPTConfig(**record["model"])
         config = dataclasses.replace(saved, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
                                      attn_impl=cfg.attn_impl, remat=cfg.remat)
         return config, None, None, record["iter_num"], record["best_val_loss"]
+    from .convert import folder_meta
     from .pretrained import from_pretrained
 
+    if ckpt.has_checkpoints():
+        raise CheckpointError(f"{cfg.out_dir} already holds a run's checkpoints: finetune into a new --out_dir")
+    data.check_vocabulary(folder_meta(cfg.init_from), meta, dataset_dir)
     config, params = from_pretrained(cfg.init_from, dtype=resolve_dtype(cfg.dtype))
     config = dataclasses.replace(config, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
+    if cfg.block_size > config.block_size:
+        raise ConfigError(f"--block_size={cfg.block_size}: {cfg.init_from} has only {config.block_size} "
+                          "positions; it can be cropped, not grown")
     if cfg.block_size < config.block_size:
         config, params = crop_block_size(config, params, cfg.block_size)
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
@@ -173,8 +193,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def _train(cfg, ckpt, out_dir, log):
+    check_attn_impl(cfg.attn_impl)
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
+    # An id past the embedding table would read NaNs, not fail: check the (small) val split up front.
+    top = int(run.splits["val"].max())
+    if top >= config.vocab_size:
+        raise data.DataError(f"{cfg.data_dir}/{cfg.dataset} holds token id {top:,} and the model has "
+                             f"{config.vocab_size:,} ids: use a dataset tokenized for this model")
     rep = parallel.replicated(run.mesh)
     if params is None:  # resume: restore everything onto the replicated layout
         shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))

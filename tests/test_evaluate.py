@@ -2,6 +2,7 @@
 transformers' GPT2LMHeadModel (randomly initialised here, nothing is downloaded) and numpy recomputes of the
 mean cross-entropy over the same windows."""
 
+import dataclasses
 import json
 import math
 import os
@@ -151,7 +152,8 @@ def test_random_batches_equal_torch_and_train_estimate(hf_small, token_data, tmp
 
     # `train` with eval_only (nanoGPT's eval configs) reports the same val loss.
     train(TrainConfig(init_from=str(folder), dataset="toks", data_dir=str(data_dir), out_dir=str(tmp_path),
-                      eval_only=True, eval_iters=iters, batch_size=B, seed=seed, dtype="float32"), log=quiet)
+                      eval_only=True, eval_iters=iters, batch_size=B, block_size=64, seed=seed, dtype="float32"),
+          log=quiet)
     [metrics] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(metrics["val_loss"], r.loss, rtol=1e-6)
 
@@ -353,3 +355,14 @@ def test_configs_parse_as_nanogpt_writes_them():
             cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_iters, cfg.learning_rate, cfg.decay_lr) == (
         "out-shakespeare", 5, 40, "shakespeare", "gpt2-xl", False, 1, 32, 20, 3e-5, False)
     assert issubclass(ConvertError, UserError) and issubclass(ConfigError, UserError)
+
+
+def test_finetune_refuses_a_longer_block_size_and_a_smaller_vocabulary(hf_small, bpe_data, tmp_path):
+    data_dir, _ = bpe_data
+    _, folder = hf_small  # VOCAB = 512 ids: GPT-2 BPE Shakespeare holds ids up to 50256
+    cfg = TrainConfig(init_from=str(folder), dataset="shakespeare", data_dir=str(data_dir),
+                      out_dir=str(tmp_path / "ft"), block_size=N_POS + 1, dtype="float32")
+    with pytest.raises(ConfigError, match=f"has only {N_POS} positions; it can be cropped, not grown"):
+        train(cfg, log=quiet)
+    with pytest.raises(DataError, match=f"and the model has {VOCAB} ids"):
+        train(dataclasses.replace(cfg, block_size=N_POS), log=quiet)

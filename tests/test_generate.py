@@ -102,3 +102,16 @@ def test_bigram_generate_matches_naive():
     prompt = jnp.array([[3, 4]], jnp.int32)
     out = generate(config, params, prompt, 9, key=jax.random.PRNGKey(0), temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out), naive_greedy(config, params, prompt, 9))
+
+
+def test_vocab_size_keeps_padded_ids_out():
+    """A padded vocabulary (nanoGPT's 50304 for GPT-2's 50257) must never yield an id the tokenizer lacks."""
+    config = GPTConfig(block_size=4, vocab_size=11, model="bigram")
+    params = init_params(config, jax.random.PRNGKey(2))
+    # the last 3 ids overwhelmingly likely after any token: without the limit they are all that is sampled
+    params["wte"]["embedding"] = params["wte"]["embedding"].at[:, -3:].set(50.0)
+    prompt = jnp.zeros((4, 2), jnp.int32)
+    free = generate(config, params, prompt, 10, key=jax.random.PRNGKey(0), temperature=1.0)
+    assert np.asarray(free[:, 2:]).min() >= 8
+    limited = generate(config, params, prompt, 10, key=jax.random.PRNGKey(0), temperature=1.0, vocab_size=8)
+    assert np.asarray(limited).max() < 8

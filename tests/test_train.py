@@ -18,6 +18,7 @@ from conftest import REPO
 from nanogpt_jax import load_checkpoint
 from nanogpt_jax.checkpoint import Checkpointer, CheckpointError, load_run
 from nanogpt_jax.config import ConfigError, TrainConfig, parse
+from nanogpt_jax.data import DataError
 from nanogpt_jax.model import GPTConfig, init_params, make_model
 from nanogpt_jax.train import (Run, TrainState, decay_mask, get_lr, make_optimizer, model_config, train,
                                resolve_dtype, train_step)
@@ -468,3 +469,42 @@ def test_dtype_choice_on_cpu():
     assert resolve_dtype("auto") == "float32"
     with pytest.raises(ConfigError, match="float16 needs a GPU"):
         resolve_dtype("float16")
+
+
+def test_a_run_is_never_overwritten_by_a_new_one(run_a):
+    """Training from scratch into an out_dir that holds checkpoints is refused, and they stay as they were."""
+    cfg_a, out_a, _, _ = run_a
+    before = as_numpy(load_checkpoint(str(out_a))[1])
+    with pytest.raises(CheckpointError, match="--init_from=resume, or train into a new --out_dir"):
+        train(dataclasses.replace(cfg_a, learning_rate=1e-2), log=quiet)
+    assert_trees_equal(load_checkpoint(str(out_a))[1], before)
+
+
+def test_resume_under_another_grad_clip(run_a, tmp_path):
+    """The optimizer state keeps one structure with and without clipping, so either resumes the other."""
+    cfg_a, _, _, _ = run_a
+    cfg = dataclasses.replace(cfg_a, out_dir=str(tmp_path), max_iters=10)
+    train(cfg, log=quiet)
+    result = train(dataclasses.replace(cfg, init_from="resume", max_iters=12, grad_clip=0.0), log=quiet)
+    assert result["iter_num"] == 12 and math.isfinite(result["best_val_loss"])
+
+
+def test_resume_on_a_dataset_with_other_tokens_is_refused(run_a, bpe_data):
+    """A character checkpoint fed GPT-2 BPE ids would index past its embedding and train on NaNs."""
+    cfg_a, out_a, _, _ = run_a
+    bpe_dir, _ = bpe_data
+    with pytest.raises(DataError, match="character vocabulary but the dataset is GPT-2 BPE"):
+        train(dataclasses.replace(cfg_a, init_from="resume", dataset="shakespeare", data_dir=str(bpe_dir),
+                                  max_iters=30), log=quiet)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"model": "transformer"}, "--model=transformer: use gpt or bigram"),
+    ({"attn_impl": "flash"}, "--attn_impl=flash: use None"),
+    ({"attn_impl": "cudnn"}, "--attn_impl=cudnn needs an NVIDIA GPU"),
+    ({"num_devices": 3}, "--num_devices=3: need at most"),
+])
+def test_bad_system_options_are_user_errors(char_data, tmp_path, kw, message):
+    data_dir, _ = char_data
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        train(tiny_cfg(data_dir, tmp_path, **kw), log=quiet)
