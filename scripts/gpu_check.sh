@@ -14,7 +14,7 @@ export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$(cd .. && pwd)/shared/data/tikt
 } > "$OUT/env.txt" 2>&1
 pip install --no-deps --no-build-isolation -q -e . > "$OUT/install.txt" 2>&1 || pip install --no-deps -q -e . >> "$OUT/install.txt" 2>&1
 # fp32 parity tests compare with transformers at 1e-4: ask for full-precision matmuls (not TF32) on the GPU.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python -m pytest -q -x --durations=10 > "$OUT/tests.txt" 2>&1
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python -m pytest -q --durations=10 > "$OUT/tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/tests.txt"
 timeout 200 python scripts/bench.py --gpu > "$OUT/bench.md" 2> "$OUT/bench.err"
 echo "bench exit $?" >> "$OUT/bench.err"

@@ -465,10 +465,14 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     assert out["bfloat16"] != out["float32"]  # and really computed in bf16
 
 
-def test_dtype_choice_on_cpu():
-    assert resolve_dtype("auto") == "float32"
-    with pytest.raises(ConfigError, match="float16 needs a GPU"):
-        resolve_dtype("float16")
+def test_dtype_choice():
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_dtype("auto") == ("float32" if on_cpu else "bfloat16")
+    if on_cpu:
+        with pytest.raises(ConfigError, match="float16 needs a GPU"):
+            resolve_dtype("float16")
+    else:
+        assert resolve_dtype("float16") == "float16"
 
 
 def test_a_run_is_never_overwritten_by_a_new_one(run_a):
