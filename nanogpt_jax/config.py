@@ -117,6 +117,12 @@ class EvalConfig:
     dtype: str = "auto"
     eval_only: bool = True  # accepted so that nanoGPT's eval configs run here too; eval never trains
 
+    def __post_init__(self):
+        _at_least(self, 1, "batch_size", "block_size")
+        _at_least(self, 0, "eval_iters")
+        if self.split not in ("train", "val"):
+            raise ConfigError(f"--split={self.split}: use one of train, val")
+
 
 @dataclasses.dataclass
 class ConvertConfig:

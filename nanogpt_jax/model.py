@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .config import ConfigError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -184,7 +186,8 @@ def num_params(params, non_embedding: bool = True) -> int:
 def crop_block_size(config: GPTConfig, params, block_size: int):
     """Shrink the context length (e.g. load GPT-2 at 1024, finetune at 256): keeps the first positions."""
     if block_size > config.block_size:
-        raise ValueError(f"cannot grow block_size from {config.block_size} to {block_size}; only crop it")
+        raise ConfigError(f"--block_size={block_size}: the model has only {config.block_size} positions; "
+                          "it can be cropped, not grown")
     params = dict(params)
     if "wpe" in params:
         params["wpe"] = {"embedding": params["wpe"]["embedding"][:block_size]}

@@ -173,10 +173,7 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     data.check_vocabulary(folder_meta(cfg.init_from), meta, dataset_dir)
     config, params = from_pretrained(cfg.init_from, dtype=resolve_dtype(cfg.dtype))
     config = dataclasses.replace(config, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
-    if cfg.block_size > config.block_size:
-        raise ConfigError(f"--block_size={cfg.block_size}: {cfg.init_from} has only {config.block_size} "
-                          "positions; it can be cropped, not grown")
-    if cfg.block_size < config.block_size:
+    if cfg.block_size != config.block_size:
         config, params = crop_block_size(config, params, cfg.block_size)
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
 
