@@ -1,7 +1,7 @@
 """nanoGPT in JAX/Flax."""
 
-from .checkpoint import load_checkpoint
 from .generate import generate
+from .load import load_checkpoint
 from .model import GPT, GPTConfig, init_params, make_model
 from .pretrained import from_pretrained, save_pretrained
 

@@ -6,7 +6,6 @@ prints the table.
 """
 
 import dataclasses
-import json
 import resource
 import statistics
 import tempfile
@@ -16,20 +15,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .config import ConfigError, TrainConfig, parse
+from .config import BenchConfig
 from .generate import generate
+from .load import model_config
 from .model import init_params, num_params
-from .train import Run, check_attn_impl, model_config
-
-
-@dataclasses.dataclass
-class BenchConfig(TrainConfig):
-    bench: str = "train"  # 'train' or 'generate'
-    steps: int = 10  # timed training steps (after one compiling step)
-    vocab_size: int = 65  # synthetic data's vocabulary (65 = Tiny Shakespeare characters)
-    new_tokens: int = 500  # generate: tokens sampled per row
-    num_samples: int = 1  # generate: batch rows
-    repeats: int = 3  # generate: timed calls
+from .train import Run
 
 
 def peak_rss_gb() -> float:
@@ -84,13 +74,8 @@ def bench_generate(cfg: BenchConfig) -> dict:
             "peak_rss_gb": peak_rss_gb()}
 
 
-def main(argv: list[str]) -> dict:
-    cfg = parse(BenchConfig, argv)
-    check_attn_impl(cfg.attn_impl)
-    runs = {"train": bench_train, "generate": bench_generate}
-    if cfg.bench not in runs:
-        raise ConfigError(f"--bench={cfg.bench}: use train or generate")
-    result = runs[cfg.bench](cfg)
+def bench(cfg: BenchConfig) -> dict:
+    """One case, measured: the result as a dict (printed as one JSON line by the command)."""
+    result = {"train": bench_train, "generate": bench_generate}[cfg.bench](cfg)
     result["device"] = jax.devices()[0].device_kind
-    print(json.dumps(result))
     return result

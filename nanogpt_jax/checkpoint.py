@@ -1,9 +1,10 @@
 """Checkpoints with orbax: `out_dir/checkpoints/{latest,best}/<iter>/` holding params, optimizer state,
-the base RNG key and a JSON record of the run (train config, model config, iteration, best val loss)."""
-
-from pathlib import Path
+the base RNG key and the run record (`RunRecord`: train config, model config, vocabulary, iteration, best
+val loss). The record is defined, written and read here and nowhere else."""
 
 import dataclasses
+import math
+from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
@@ -12,10 +13,45 @@ from .config import UserError
 from .model import GPTConfig
 
 KINDS = ("latest", "best")
+RECORD_VERSION = 1
 
 
 class CheckpointError(UserError):
-    """No usable checkpoint where one was asked for."""
+    """No usable checkpoint where one was asked for, or one that would be overwritten."""
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What a checkpoint says about its run, beside the arrays."""
+
+    train: dict  # the TrainConfig's fields
+    model: dict  # the GPTConfig's fields
+    meta: dict | None  # the character vocabulary; None for GPT-2 BPE
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    version: int = RECORD_VERSION
+
+    @property
+    def config(self) -> GPTConfig:
+        return GPTConfig(**self.model)
+
+    @classmethod
+    def from_json(cls, data: dict, where) -> "RunRecord":
+        version = data.get("version", 1)  # records written before the field existed are version 1
+        names = {f.name for f in dataclasses.fields(cls)}
+        model_names = {f.name for f in dataclasses.fields(GPTConfig)}
+        unknown = sorted(set(data) - names) + sorted(set(data.get("model", {})) - model_names)
+        if version > RECORD_VERSION or unknown:
+            raise CheckpointError(f"{where} was written by a newer nanogpt-jax (record version {version}, "
+                                  f"unknown fields {unknown}); upgrade nanogpt-jax to read it")
+        return cls(**{k: v for k, v in data.items() if k != "version"}, version=version)
+
+
+def refuse_existing_run(out_dir: str, what: str) -> None:
+    """A new run, finetune or import never writes over the checkpoints of another."""
+    root = Path(out_dir) / "checkpoints"
+    if root.is_dir() and any(p.name.isdigit() for p in root.glob("*/*")):
+        raise CheckpointError(f"{out_dir} already holds a run's checkpoints: {what}")
 
 
 class Checkpointer:
@@ -26,27 +62,27 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
         self.managers = {kind: ocp.CheckpointManager(root / kind, options=options) for kind in KINDS}
 
-    def save(self, kind: str, iter_num: int, params, opt_state, rng, record: dict) -> None:
+    def save(self, kind: str, iter_num: int, params, opt_state, rng, record: RunRecord) -> None:
         # Params apart from the rest, so that sampling restores them alone.
         saved = self.managers[kind].save(iter_num, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             optimizer=ocp.args.StandardSave({"opt_state": opt_state, "rng": rng}),
-            record=ocp.args.JsonSave(record)))
+            record=ocp.args.JsonSave(dataclasses.asdict(record))))
         if not saved:  # orbax skips a step at or below one already on disk
             raise CheckpointError(f"the {kind} checkpoint at iteration {iter_num} was not saved: "
                                   f"{self.managers[kind].directory} already holds a later one")
 
-    def has_checkpoints(self) -> bool:
-        return any(mngr.latest_step() is not None for mngr in self.managers.values())
-
-    def record(self, kind: str) -> dict:
-        return self._restore(kind, record=ocp.args.JsonRestore())["record"]
+    def record(self, kind: str) -> RunRecord:
+        data = self._restore(kind, record=ocp.args.JsonRestore())["record"]
+        return RunRecord.from_json(data, self.managers[kind].directory)
 
     def restore(self, kind: str, **targets) -> dict:
         """Restore the named items (params=, optimizer={opt_state, rng}) onto the layouts of abstract trees."""
         return self._restore(kind, **{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
 
     def _restore(self, kind, **args):
+        if kind not in KINDS:
+            raise CheckpointError(f"unknown checkpoint {kind!r}: use one of {KINDS}")
         mngr = self.managers[kind]
         step = mngr.latest_step()
         if step is None:
@@ -59,51 +95,6 @@ class Checkpointer:
             mngr.close()
 
 
-def abstract(tree, sharding=None):
-    """Shape/dtype stand-ins for a restore target, optionally placed with `sharding`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def load_checkpoint(out_dir: str, kind: str = "latest"):
-    """(GPTConfig, params) of a training run's latest (or best) checkpoint."""
-    config, params, _ = load_run(out_dir, kind)
-    return config, params
-
-
-def load_run(out_dir: str, kind: str = "latest"):
-    """(GPTConfig, params, record): the record holds the run's train config, vocabulary and iteration."""
-    from .model import init_params
-
-    if kind not in KINDS:
-        raise CheckpointError(f"unknown checkpoint {kind!r}: use one of {KINDS}")
-    ckpt = Checkpointer(out_dir, create=False)
-    try:
-        record = ckpt.record(kind)
-        config = GPTConfig(**record["model"])
-        shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-        params = ckpt.restore(kind, params=abstract(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-    finally:
-        ckpt.close()
-    return config, params["params"], record
-
-
-def load_model(init_from: str, out_dir: str = "out", checkpoint: str = "latest", dtype: str = "auto"):
-    """(GPTConfig, params, meta, record) of a checkpoint (init_from='resume') or a GPT-2 name / HF folder.
-
-    meta is the character vocabulary (None: GPT-2 BPE); record is the checkpoint's record (None for HF)."""
-    from .train import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
-    if init_from == "resume":
-        config, params, record = load_run(out_dir, checkpoint)
-        meta = record["meta"]
-    else:
-        from .convert import folder_meta
-        from .pretrained import from_pretrained
-
-        config, params = from_pretrained(init_from)
-        meta, record = folder_meta(init_from), None
-    # cuDNN attention only where there is cuDNN: a model trained with it on a GPU samples anywhere
-    attn_impl = config.attn_impl if jax.default_backend() == "gpu" else None
-    config = dataclasses.replace(config, dtype=dtype, dropout=0.0, remat=False, attn_impl=attn_impl)
-    return config, params, meta, record
+def abstract(tree, shardings):
+    """Shape/dtype stand-ins for a restore target, each leaf placed with its sharding (a matching tree)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

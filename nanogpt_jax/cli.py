@@ -1,8 +1,13 @@
-"""The `nanogpt-jax` command: prepare, train, sample, eval, convert, bench. Each is a thin shell over the package."""
+"""The `nanogpt-jax` command: parse the options, call the package, print the result, word errors as one line."""
 
+import json
 import sys
 
-USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value ...]
+from . import bench, convert, data, evaluate, parallel, sample, train
+from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
+                     UserError, parse)
+
+USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
 
 commands:
   prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare)
@@ -17,95 +22,49 @@ commands:
 """
 
 
-def prepare(argv):
-    from .config import ConfigError
-    from .data import prepare as prepare_dataset
-
-    if not argv or argv[0].startswith("--"):
-        raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
-    opts = {"input": None, "data_dir": "data"}
-    for arg in argv[1:]:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in opts:
-            raise ConfigError(f"prepare: unknown argument {arg!r}; it takes --input=PATH and --data_dir=DIR")
-        opts[key] = value
-    info = prepare_dataset(argv[0], data_dir=opts["data_dir"], input_path=opts["input"])
-    print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
-          f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")
-
-
-def options(cls, argv):
-    """Parse CONFIG.py files and --key=value into `cls`; nanoGPT options with no meaning here get a note."""
-    from .config import parse
-
+def options(cls, argv, positional=None):
+    """Parse CONFIG.py files and options into `cls`; nanoGPT options with no meaning here get a note."""
     notes = []
-    cfg = parse(cls, argv, notes)
+    cfg = parse(cls, argv, notes, positional)
     for note in notes:
         print(note, file=sys.stderr)
     return cfg
 
 
-def train(argv):
-    from .config import TrainConfig
-    from .train import train as run_training
+def run_prepare(argv):
+    cfg = options(PrepareConfig, argv, positional="dataset")
+    if not cfg.dataset:
+        raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
+    info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
+    print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
+          f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")
 
-    run_training(options(TrainConfig, argv))
+
+def run_train(argv):
+    train.train(options(TrainConfig, argv))
 
 
-def sample(argv):
-    import jax
-    import numpy as np
-
-    from .checkpoint import load_model
-    from .config import SampleConfig, UserError
-    from .data import Tokenizer
-    from .generate import generate
-
-    cfg = options(SampleConfig, argv)
-    config, params, meta, _ = load_model(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.dtype)
-    tokenizer = Tokenizer(meta)
-    start = cfg.start
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except OSError as e:
-            raise UserError(f"--start={cfg.start}: cannot read {start[5:]} ({e.strerror})") from None
-    ids = tokenizer.encode(start)
-    if not ids:
-        raise UserError("--start is empty: give at least one character or token to start from")
-    prompt = np.tile(np.asarray(ids, np.int32), (cfg.num_samples, 1))
-    out = generate(config, params, prompt, cfg.max_new_tokens, key=jax.random.PRNGKey(cfg.seed),
-                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   vocab_size=min(tokenizer.vocab_size, config.vocab_size))
-    for row in np.asarray(out):
-        print(tokenizer.decode(row.tolist()))
+def run_sample(argv):
+    for text in sample.sample(options(SampleConfig, argv)):
+        print(text)
         print("---------------")
 
 
-def evaluate(argv):
-    from .config import EvalConfig
-    from .evaluate import run
-
-    r = run(options(EvalConfig, argv))
+def run_eval(argv):
+    r = evaluate.run(options(EvalConfig, argv))
     print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} ({r.tokens:,} tokens, {r.batches:,} batches)")
 
 
-def convert(argv):
-    from .config import ConvertConfig
-    from .convert import convert as run_convert
-
-    print(run_convert(options(ConvertConfig, argv)))
+def run_convert(argv):
+    print(convert.convert(options(ConvertConfig, argv)))
 
 
-def bench(argv):
-    from .bench import main as run_bench
-
-    run_bench(argv)
+def run_bench(argv):
+    print(json.dumps(bench.bench(options(BenchConfig, argv))))
 
 
-COMMANDS = {"prepare": prepare, "train": train, "sample": sample, "eval": evaluate, "convert": convert,
-            "bench": bench}
+COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval,
+            "convert": run_convert, "bench": run_bench}
 
 
 def main(argv=None) -> int:
@@ -113,10 +72,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from .config import UserError
-    from .parallel import use_all_cpu_cores
-
-    use_all_cpu_cores()
+    parallel.use_all_cpu_cores()
     try:
         COMMANDS[argv[0]](argv[1:])
     except UserError as e:

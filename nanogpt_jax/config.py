@@ -1,7 +1,8 @@
-"""Run configuration with nanoGPT's option names: dataclass defaults, then CONFIG.py files, then --key=value.
+"""Options with nanoGPT's names: dataclass defaults, then CONFIG.py files, then --key=value (or --key value).
 
-Config files are plain Python that assign values (as nanoGPT's config/*.py). Command-line values are
-parsed as Python literals, never executed, and checked against the option's type.
+Config files are plain Python that assign values (as nanoGPT's config/*.py) and are run as Python: run only
+config files you trust. Command-line values are parsed as Python literals, never executed, and checked
+against the option's type. This is the bottom layer: every other module may import it, it imports none.
 """
 
 import ast
@@ -80,10 +81,38 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class SampleConfig:
-    init_from: str = "resume"  # 'resume' (from out_dir) or a GPT-2 name / HF folder
+class BenchConfig(TrainConfig):
+    bench: str = "train"  # 'train' or 'generate'
+    steps: int = 10  # timed training steps (after one compiling step)
+    vocab_size: int = 65  # synthetic data's vocabulary (65 = Tiny Shakespeare characters)
+    new_tokens: int = 500  # generate: tokens sampled per row
+    num_samples: int = 1  # generate: batch rows
+    repeats: int = 3  # generate: timed calls
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self, 1, "steps", "vocab_size", "num_samples", "repeats")
+        _at_least(self, 0, "new_tokens")
+        if self.bench not in ("train", "generate"):
+            raise ConfigError(f"--bench={self.bench}: use train or generate")
+
+
+@dataclasses.dataclass
+class LoadConfig:
+    """Where a command that loads a model finds it: a run's checkpoint or a GPT-2 name / HF folder."""
+
+    init_from: str = "resume"  # 'resume' (the checkpoint in out_dir) or a GPT-2 name / HF folder
     out_dir: str = "out"
     checkpoint: str = "latest"  # 'latest' or 'best'
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.checkpoint not in ("latest", "best"):
+            raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
+
+
+@dataclasses.dataclass
+class SampleConfig(LoadConfig):
     start: str = "\n"  # or "FILE:prompt.txt"
     num_samples: int = 10
     max_new_tokens: int = 500
@@ -91,10 +120,9 @@ class SampleConfig:
     top_k: int | None = 200
     top_p: float | None = None
     seed: int = 1337
-    dtype: str = "auto"
-    data_dir: str = "data"
 
     def __post_init__(self):
+        super().__post_init__()
         _at_least(self, 1, "num_samples", "top_k")
         _at_least(self, 0, "max_new_tokens", "temperature")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -102,10 +130,7 @@ class SampleConfig:
 
 
 @dataclasses.dataclass
-class EvalConfig:
-    init_from: str = "resume"  # 'resume' (the checkpoint in out_dir) or a GPT-2 name / HF folder
-    out_dir: str = "out"
-    checkpoint: str = "latest"  # 'latest' or 'best'
+class EvalConfig(LoadConfig):
     dataset: str | None = None  # None: the run's dataset (resume), else openwebtext
     data_dir: str | None = None  # None: the run's data_dir (resume), else 'data'
     split: str = "val"  # 'val' or 'train'
@@ -114,10 +139,10 @@ class EvalConfig:
     block_size: int | None = None  # None: the model's context length; smaller crops it
     eval_iters: int = 200  # random batches, as train's estimate; 0 = every non-overlapping window once
     seed: int = 1337
-    dtype: str = "auto"
     eval_only: bool = True  # accepted so that nanoGPT's eval configs run here too; eval never trains
 
     def __post_init__(self):
+        super().__post_init__()
         _at_least(self, 1, "batch_size", "block_size")
         _at_least(self, 0, "eval_iters")
         if self.split not in ("train", "val"):
@@ -125,11 +150,16 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class ConvertConfig:
-    init_from: str = "resume"  # 'resume': out_dir's checkpoint -> hf_dir; a GPT-2 name / HF folder -> out_dir
-    out_dir: str = "out"
-    checkpoint: str = "latest"  # which checkpoint to export: 'latest' or 'best'
+class ConvertConfig(LoadConfig):
+    # init_from 'resume': out_dir's checkpoint -> hf_dir; a GPT-2 name / HF folder -> out_dir
     hf_dir: str | None = None  # the HuggingFace folder to write (export only)
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    dataset: str = ""  # also the first bare word: nanogpt-jax prepare shakespeare_char
+    input: str | None = None  # a local copy of the text instead of the download
+    data_dir: str = "data"
 
 
 def _at_least(cfg, low, *keys):
@@ -150,14 +180,20 @@ IGNORED = {
 }
 
 
+def _allowed_types(hint) -> tuple:
+    """The types an option accepts: `int`, `int | None` and `typing.Optional[int]` alike."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def _check(cls, key: str, value, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
         close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
         raise ConfigError(f"unknown option --{key} ({source}){hint}")
-    hint = typing.get_type_hints(cls)[key]
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    allowed = _allowed_types(typing.get_type_hints(cls)[key])
     for t in allowed:
         if t is type(None) and value is None:
             return None
@@ -172,12 +208,15 @@ def _check(cls, key: str, value, source: str):
 def _literal(text: str):
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text  # a bare word such as --dataset=shakespeare_char is a string
 
 
-def parse(cls, argv: list[str], notes: list[str] | None = None):
-    """Build `cls` from CONFIG.py files and --key=value overrides, in order; `notes` gets ignored options."""
+def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str | None = None):
+    """Build `cls` from CONFIG.py files and --key=value / --key value overrides, in order.
+
+    `notes` collects a line per ignored nanoGPT option; `positional` names the field a bare first word
+    fills (prepare's dataset)."""
     values = {}
 
     def put(key, value, source):
@@ -187,11 +226,17 @@ def parse(cls, argv: list[str], notes: list[str] | None = None):
             return
         values[key] = _check(cls, key, value, source)
 
-    for arg in argv:
+    args = list(argv)
+    if positional and args and not args[0].startswith("--") and not args[0].endswith(".py"):
+        put(positional, args.pop(0), "command line")
+    while args:
+        arg = args.pop(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                raise ConfigError(f"{arg}: write options as --key=value")
+                if not args or args[0].startswith("--"):
+                    raise ConfigError(f"{arg} needs a value: write {arg}=VALUE or {arg} VALUE")
+                text = args.pop(0)
             put(key, _literal(text), "command line")
         elif arg.endswith(".py"):
             try:

@@ -9,14 +9,16 @@ dataset's format), which loading such a folder here (sample, eval, convert) read
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from . import data
+from .checkpoint import Checkpointer, RunRecord, refuse_existing_run
 from .config import ConfigError, ConvertConfig, TrainConfig, UserError
+from .load import abstract_params, folder_meta, load_run
+from .optim import make_optimizer
+from .pretrained import PretrainedError, from_pretrained, save_pretrained
 
 META_FILE = "meta.json"
 
@@ -25,27 +27,14 @@ class ConvertError(UserError):
     """A model that cannot be converted, or a destination that would be overwritten."""
 
 
-def folder_meta(name_or_path) -> dict | None:
-    """The character vocabulary an exported HF folder carries (meta.json); None means GPT-2 BPE."""
-    path = Path(str(name_or_path)).expanduser()
-    return data.load_meta(path) if path.is_dir() else None
-
-
 def import_hf(source: str, out_dir: str) -> str:
     """HF GPT-2 (hub id, folder or .safetensors) -> out_dir/checkpoints/latest; returns a summary line."""
-    from .checkpoint import Checkpointer
-    from .pretrained import from_pretrained
-    from .train import make_optimizer
-
-    root = Path(out_dir) / "checkpoints"
-    if root.is_dir() and any(root.glob("*/*")):
-        raise ConvertError(f"{out_dir} already holds checkpoints; convert into a new --out_dir")
+    refuse_existing_run(out_dir, "convert into a new --out_dir")
     config, params = from_pretrained(source)
     # The run record a finetune of this model would write: the architecture, GPT-2's biases, no dropout.
     cfg = TrainConfig(out_dir=out_dir, init_from=str(source), n_layer=config.n_layer, n_head=config.n_head,
                       n_embd=config.n_embd, block_size=config.block_size, bias=True, dropout=0.0)
-    record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config), "meta": folder_meta(source),
-              "iter_num": 0, "best_val_loss": math.inf}
+    record = RunRecord(train=dataclasses.asdict(cfg), model=dataclasses.asdict(config), meta=folder_meta(source))
     ckpt = Checkpointer(out_dir)
     try:
         ckpt.save("latest", 0, params, make_optimizer(cfg).init(params), jax.random.PRNGKey(cfg.seed), record)
@@ -56,9 +45,6 @@ def import_hf(source: str, out_dir: str) -> str:
 
 def export_hf(out_dir: str, hf_dir: str, kind: str = "latest") -> str:
     """out_dir's latest (or best) checkpoint -> an HF folder GPT2LMHeadModel.from_pretrained loads."""
-    from .checkpoint import load_run
-    from .pretrained import PretrainedError, save_pretrained
-
     if Path(hf_dir).exists() and not Path(hf_dir).is_dir():
         raise ConvertError(f"--hf_dir={hf_dir} is a file; give a folder to write config.json and model.safetensors in")
     config, params, record = load_run(out_dir, kind)
@@ -69,19 +55,17 @@ def export_hf(out_dir: str, hf_dir: str, kind: str = "latest") -> str:
     except PretrainedError as e:
         raise ConvertError(f"cannot export {out_dir}: {e}") from None
     meta_path = Path(hf_dir) / META_FILE
-    if record.get("meta") is not None:
-        meta_path.write_text(json.dumps(record["meta"]), encoding="utf-8")
+    if record.meta is not None:
+        meta_path.write_text(json.dumps(record.meta), encoding="utf-8")
     else:
         meta_path.unlink(missing_ok=True)  # a stale vocabulary from an earlier export would mislead loading
-    return f"wrote {hf_dir} from {out_dir} {kind} checkpoint at iteration {record['iter_num']} ({_describe(config)})"
+    return f"wrote {hf_dir} from {out_dir} {kind} checkpoint at iteration {record.iter_num} ({_describe(config)})"
 
 
 def with_zero_biases(config, params):
     """A bias=False GPT as the bias=True GPT that computes the same function: every bias zero."""
-    from .model import init_params
-
     config = dataclasses.replace(config, bias=True)
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    shapes = abstract_params(config)
 
     def take(path, leaf):
         node = params

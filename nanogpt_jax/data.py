@@ -1,7 +1,7 @@
 """Datasets in nanoGPT's format: `train.bin` / `val.bin` as raw uint16 token ids, plus the vocabulary.
 
-Batches are random windows read from a memmap; their randomness is a pure function of
-(seed, iteration, process index, ...) so that a resumed run sees exactly the batches of an uninterrupted one.
+Batches are random windows read from a memmap; which windows is a pure function of a key such as
+(seed, split, process index, iteration) so that a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 import json
@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 
 from .config import UserError
 
@@ -72,8 +73,6 @@ def prepare(dataset: str, data_dir: str = "data", input_path: str | None = None)
 
 
 def gpt2_encoding():
-    import tiktoken
-
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises plain requests/OS errors when offline
@@ -151,7 +150,7 @@ def open_dataset(dataset_dir: Path) -> tuple[dict, dict | None]:
 def get_batch(data: np.ndarray, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
     """Random windows x, y = data[i:i+T], data[i+1:i+1+T] of `shape + (T,)`, int32.
 
-    `seed_key` (e.g. (seed, iteration, process, split)) alone decides which windows: no hidden RNG state.
+    `seed_key` (train's is (seed, split, process, iteration)) alone decides which windows: no hidden RNG state.
     """
     if len(data) <= block_size:
         raise DataError(f"the split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")

@@ -16,13 +16,14 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from . import data, parallel
 from .config import EvalConfig
 from .data import DataError
-from .checkpoint import load_model
-from .model import GPTConfig, crop_block_size, make_model
-from .train import eval_step
+from .load import crop, load_model
+from .model import GPTConfig, make_model
+from .step import eval_step
 
 SPLITS = ("train", "val")  # split ids as train's batches use them
 
@@ -65,13 +66,11 @@ def evaluate(config: GPTConfig, params, tokens, *, batch_size: int = 12, eval_it
         raise DataError(f"{source or 'the text'} has {len(tokens):,} tokens, fewer than block_size + 1 = {T + 1} "
                         "that a random window needs: pass --eval_iters=0 (every token once) or a smaller --block_size")
     mesh = parallel.data_mesh(batch_size)
-    rep = parallel.replicated(mesh)
+    shardings = parallel.state_shardings(mesh, params)
     step = jax.jit(partial(eval_step, model=make_model(config)),
-                   in_shardings=(rep, parallel.batch_sharding(mesh, 0)), out_shardings=rep)
-    params = jax.device_put(params, rep)
+                   in_shardings=(shardings, parallel.batch_sharding(mesh, 0)), out_shardings=parallel.replicated(mesh))
+    params = jax.device_put(params, shardings)
     n_batches, it = batches(tokens, T, batch_size, eval_iters, seed_key)
-
-    from tqdm import tqdm
 
     def check(x, y):
         hi = max(int(x.max()), int(y.max()))
@@ -104,11 +103,11 @@ def evaluate(config: GPTConfig, params, tokens, *, batch_size: int = 12, eval_it
 
 def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     """`nanogpt-jax eval`: load the model cfg names, then evaluate it on cfg's split or text file."""
-    config, params, meta, record = load_model(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.dtype)
+    config, params, meta, record = load_model(cfg)
     if cfg.block_size is not None and cfg.block_size != config.block_size:
-        config, params = crop_block_size(config, params, cfg.block_size)
+        config, params = crop(config, params, cfg.block_size)
 
-    train = (record or {}).get("train", {})  # a checkpoint's run: its dataset, folder and batch size
+    train = record.train if record else {}  # a checkpoint's run: its dataset, folder and batch size
     if cfg.input is not None:
         try:
             text = Path(cfg.input).read_text(encoding="utf-8")

@@ -2,6 +2,8 @@
 
 Parameter names mirror HuggingFace GPT-2 (wte, wpe, h_N/ln_1, attn/c_attn, ...) so that the released
 weights map key for key. Parameters are float32; `dtype` is the compute dtype of the activations.
+Shapes are in the names: B batch, T tokens of this call, S cached positions, C n_embd, N heads, H head size,
+V vocabulary. Errors are plain `ValueError`s; the command line words them as options.
 """
 
 import dataclasses
@@ -10,8 +12,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from .config import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -34,6 +34,11 @@ class GPTConfig:
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
+    @property
+    def has_attention(self) -> bool:
+        """The one place the bigram model differs in kind: no positions, no layers, no KV cache."""
+        return self.model == "gpt"
+
 
 # A key/value cache: one (k, v) pair per layer, each (B, S, n_head, head_size), S = block_size.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -49,6 +54,32 @@ def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
                         param_dtype=jnp.float32, name=name)
 
 
+def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None):
+    """Plain causal attention through XLA's (or cuDNN's) fused kernel."""
+    return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
+
+
+def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
+    """Causal attention written out, because nanoGPT drops attention probabilities while training and
+    dot_product_attention has no dropout. Softmax in float32 whatever the compute dtype."""
+    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+    att_BNTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTNH, k_BTNH) / math.sqrt(H)
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    att_BNTT = jax.nn.softmax(jnp.where(causal_TT, att_BNTT.astype(jnp.float32), -jnp.inf), axis=-1)
+    att_BNTT = dropout(att_BNTT, deterministic=False).astype(v_BTNH.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", att_BNTT, v_BTNH)
+
+
+def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos):
+    """Decoding: write this chunk's keys/values into the (B, S, N, H) cache at `pos` and attend to every
+    position filled so far. Returns (y, updated (k, v) cache)."""
+    k_BSNH = jax.lax.dynamic_update_slice(kv[0], k_BTNH.astype(kv[0].dtype), (0, pos, 0, 0))
+    v_BSNH = jax.lax.dynamic_update_slice(kv[1], v_BTNH.astype(kv[1].dtype), (0, pos, 0, 0))
+    T, S = q_BTNH.shape[1], k_BSNH.shape[1]
+    mask_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_TS[None, None]), (k_BSNH, v_BSNH)
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
@@ -56,27 +87,16 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x_BTC, deterministic: bool, kv=None, pos=None):
         c = self.config
         B, T, C = x_BTC.shape
-        hs = C // c.n_head
-        qkv = _dense(c, 3 * C, "c_attn")(x_BTC)
-        q, k, v = (t.reshape(B, T, c.n_head, hs) for t in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
+        qkv_BT3C = _dense(c, 3 * C, "c_attn")(x_BTC)
+        q, k, v = (t.reshape(B, T, c.n_head, C // c.n_head) for t in jnp.split(qkv_BT3C, 3, axis=-1))
         if kv is not None:
-            # Decoding: write this chunk's keys/values at `pos` and attend to everything cached so far.
-            k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, pos, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, pos, 0, 0))
-            kv = (k_cache, v_cache)
-            mask_TS = jnp.arange(k_cache.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
-            y = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask_TS[None, None])
+            y_BTNH, kv = cached_attention(q, k, v, kv, pos)
         elif c.dropout > 0.0 and not deterministic:
-            # dot_product_attention has no dropout; nanoGPT drops attention probabilities while training.
-            att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hs)  # (B, nh, T, T)
-            causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-            att = jax.nn.softmax(jnp.where(causal, att.astype(jnp.float32), -jnp.inf), axis=-1)
-            att = nn.Dropout(c.dropout)(att, deterministic=False).astype(v.dtype)
-            y = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+            y_BTNH = dropout_attention(q, k, v, nn.Dropout(c.dropout))
         else:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attn_impl)
-        y = _dense(c, C, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(y.reshape(B, T, C))
-        return nn.Dropout(c.dropout)(y, deterministic=deterministic), kv
+            y_BTNH = causal_attention(q, k, v, c.attn_impl)
+        y_BTC = _dense(c, C, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(y_BTNH.reshape(B, T, C))
+        return nn.Dropout(c.dropout)(y_BTC, deterministic=deterministic), kv
 
 
 class MLP(nn.Module):
@@ -85,9 +105,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTC, deterministic: bool):
         c = self.config
-        h = nn.gelu(_dense(c, 4 * c.n_embd, "c_fc")(x_BTC), approximate=True)
-        h = _dense(c, c.n_embd, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(h)
-        return nn.Dropout(c.dropout)(h, deterministic=deterministic)
+        # The tanh-approximated GELU is GPT-2's own (HF's "gelu_new"), so released weights compute as trained.
+        h_BT4C = nn.gelu(_dense(c, 4 * c.n_embd, "c_fc")(x_BTC), approximate=True)
+        h_BTC = _dense(c, c.n_embd, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(h_BT4C)
+        return nn.Dropout(c.dropout)(h_BTC, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -117,19 +138,23 @@ class GPT(nn.Module):
                  last_only: bool = False):
         c = self.config
         T = idx_BT.shape[1]
+        if isinstance(pos, int) and pos + T > c.block_size:  # a traced pos is generate's, which stays inside
+            raise ValueError(f"cannot run a sequence of {pos + T} tokens: the model has block_size "
+                             f"{c.block_size} positions")
         emb = dict(dtype=c.compute_dtype, param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
         wte = nn.Embed(c.vocab_size, c.n_embd, name="wte", **emb)
         wpe = nn.Embed(c.block_size, c.n_embd, name="wpe", **emb)
-        x = wte(idx_BT) + wpe(pos + jnp.arange(T))[None]  # (B, T, C)
-        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        x_BTC = wte(idx_BT) + wpe(pos + jnp.arange(T))[None]
+        x_BTC = nn.Dropout(c.dropout)(x_BTC, deterministic=deterministic)
+        # static_argnums counts self as 0: `deterministic` (argument 2) is a Python bool, not traced
         block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block
         new_cache = []
         for i in range(c.n_layer):
-            x, kv = block(c, name=f"h_{i}")(x, deterministic, None if cache is None else cache[i], pos)
+            x_BTC, kv = block(c, name=f"h_{i}")(x_BTC, deterministic, None if cache is None else cache[i], pos)
             new_cache.append(kv)
-        x = _layer_norm(c, "ln_f")(x[:, -1:] if last_only else x)
-        logits = wte.attend(x).astype(jnp.float32)  # weight tying: lm_head = wte
-        return logits, None if cache is None else tuple(new_cache)
+        x_BTC = _layer_norm(c, "ln_f")(x_BTC[:, -1:] if last_only else x_BTC)
+        logits_BTV = wte.attend(x_BTC).astype(jnp.float32)  # weight tying: lm_head = wte
+        return logits_BTV, None if cache is None else tuple(new_cache)
 
 
 class Bigram(nn.Module):
@@ -160,7 +185,7 @@ def init_params(config: GPTConfig, key: jax.Array):
 
 def init_cache(config: GPTConfig, batch_size: int) -> KVCache:
     """An empty key/value cache holding block_size positions (the bigram model needs none)."""
-    if config.model == "bigram":
+    if not config.has_attention:
         return ()
     shape = (batch_size, config.block_size, config.n_head, config.n_embd // config.n_head)
     return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
@@ -178,7 +203,7 @@ def cross_entropy(logits_BTV, targets_BT):
 def num_params(params, non_embedding: bool = True) -> int:
     """Parameter count as nanoGPT reports it: position embeddings excluded, tied wte counted once."""
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    if non_embedding and "wpe" in params:
+    if non_embedding and "wpe" in params:  # the bigram model has no positions
         n -= params["wpe"]["embedding"].size
     return n
 
@@ -186,8 +211,8 @@ def num_params(params, non_embedding: bool = True) -> int:
 def crop_block_size(config: GPTConfig, params, block_size: int):
     """Shrink the context length (e.g. load GPT-2 at 1024, finetune at 256): keeps the first positions."""
     if block_size > config.block_size:
-        raise ConfigError(f"--block_size={block_size}: the model has only {config.block_size} positions; "
-                          "it can be cropped, not grown")
+        raise ValueError(f"block_size {block_size}: the model has only {config.block_size} positions; "
+                         "it can be cropped, not grown")
     params = dict(params)
     if "wpe" in params:
         params["wpe"] = {"embedding": params["wpe"]["embedding"][:block_size]}

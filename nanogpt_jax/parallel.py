@@ -1,7 +1,9 @@
-"""Device placement: a 1-D `data` mesh over which batches are split and the train state replicated.
+"""Placement, all of it: the device mesh, how batches are split over it, and where every leaf of the train
+state lives. Everything that builds, restores or loads a state asks `state_shardings`.
 
-The same jitted step runs on one device, on several (GPUs, TPU cores, or host CPU devices) and across
-hosts: only the shardings given to `jax.jit` change, and the compiler inserts the gradient all-reduce.
+Today the mesh has one axis, `data`: batches are split over it and the state is replicated, so the same
+jitted step runs on one device or several (GPUs, TPU cores, or host CPU devices) with the compiler
+inserting the gradient all-reduce. Only the devices of this process are used.
 """
 
 import os
@@ -33,12 +35,17 @@ def data_mesh(batch_size: int, num_devices: int = 0) -> Mesh:
         num_devices = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
     elif num_devices > len(devices) or batch_size % num_devices:
         raise ConfigError(f"--num_devices={num_devices}: need at most {len(devices)} devices and a "
-                         f"batch_size ({batch_size}) divisible by it")
+                          f"batch_size ({batch_size}) divisible by it")
     return Mesh(np.array(devices[:num_devices]), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def state_shardings(mesh: Mesh, tree):
+    """The sharding of every leaf of a train state, params or optimizer state (real or abstract arrays)."""
+    return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:

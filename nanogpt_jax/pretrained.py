@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from huggingface_hub import constants, hf_hub_download
 from safetensors import safe_open
 
 from .config import UserError
@@ -139,8 +140,6 @@ def _resolve(name: str) -> tuple[Path, Path]:
 
 def _download(repo_id: str) -> tuple[Path, Path]:
     """The two files we need, from huggingface_hub's cache or the hub (HF_HOME, HF_HUB_OFFLINE are honoured)."""
-    from huggingface_hub import constants, hf_hub_download
-
     paths = []
     for filename in HUB_FILES:
         try:

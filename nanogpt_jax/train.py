@@ -1,4 +1,4 @@
-"""Training: nanoGPT's loop around a pure, jitted step (forward, backward, gradient accumulation, AdamW)."""
+"""Training: nanoGPT's loop around the pure, jitted step of step.py, with data, placement and checkpoints."""
 
 import dataclasses
 import json
@@ -6,98 +6,18 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from . import data, mfu, parallel
-from .checkpoint import CheckpointError, Checkpointer, abstract
+from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
 from .config import ConfigError, TrainConfig
-from .model import GPTConfig, crop_block_size, cross_entropy, init_params, make_model, num_params
-
-
-class TrainState(NamedTuple):
-    params: dict
-    opt_state: optax.OptState
-
-
-def get_lr(it, cfg: TrainConfig):
-    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate + 0.0 * it
-    warm = cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    ratio = jnp.clip((it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1), 0.0, 1.0)
-    cosine = cfg.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-    return jnp.where(it < cfg.warmup_iters, warm, jnp.where(it > cfg.lr_decay_iters, cfg.min_lr, cosine))
-
-
-def decay_mask(params):
-    """Weight decay on matmul and embedding weights only (by name: scanned biases can be 2-D)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(partial(get_lr, cfg=cfg), b1=cfg.beta1, b2=cfg.beta2,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    # Clipping sits before AdamW so it sees the gradient averaged over micro-batches (and devices); the
-    # chain keeps one structure with or without it, so a run resumes under another --grad_clip.
-    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
-    return optax.chain(clip, adamw)
-
-
-def loss_fn(params, model, x_BT, y_BT, key):
-    deterministic = key is None
-    logits, _ = model.apply({"params": params}, x_BT, deterministic=deterministic,
-                            rngs=None if deterministic else {"dropout": key})
-    return cross_entropy(logits, y_BT)
-
-
-def train_step(state: TrainState, batch, key, *, model, tx):
-    """One optimizer update from a batch (x, y) of shape (A, B, T): A micro-batches, gradients averaged."""
-    x_ABT, y_ABT = batch
-    A = x_ABT.shape[0]
-    train = model.config.dropout > 0.0
-
-    def micro_step(grads, xs):
-        x_BT, y_BT, k = xs
-        loss, g = jax.value_and_grad(loss_fn)(state.params, model, x_BT, y_BT, k if train else None)
-        return jax.tree.map(jnp.add, grads, g), loss
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses = jax.lax.scan(micro_step, zeros, (x_ABT, y_ABT, jax.random.split(key, A)))
-    grads = jax.tree.map(lambda g: g / A, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), jnp.mean(losses)
-
-
-def eval_step(params, batch, *, model):
-    """Mean loss over a batch (x, y) of shape (B, T), dropout off."""
-    return loss_fn(params, model, *batch, None)
-
-
-def resolve_dtype(dtype: str) -> str:
-    if dtype == "auto":
-        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype={dtype}: use float32, bfloat16, float16 or auto")
-    if dtype == "float16" and jax.default_backend() == "cpu":  # XLA:CPU has no float16 attention kernels
-        raise ConfigError("--dtype=float16 needs a GPU; on a CPU use float32 or bfloat16")
-    return dtype
-
-
-def check_attn_impl(attn_impl: str | None) -> None:
-    if attn_impl == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"--attn_impl=cudnn needs an NVIDIA GPU (this is {jax.default_backend()}); "
-                          "leave it unset or use xla")
-
-
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, model=cfg.model,
-                     dtype=resolve_dtype(cfg.dtype), attn_impl=cfg.attn_impl, remat=cfg.remat)
+from .load import abstract_params, crop, folder_meta, model_config, with_runtime
+from .model import GPTConfig, init_params, make_model, num_params
+from .optim import get_lr, make_optimizer
+from .pretrained import from_pretrained
+from .step import TrainState, eval_step, train_step
 
 
 class Run:
@@ -113,16 +33,34 @@ class Run:
         if self.micro_batch_size < 0 or cfg.batch_size % self.micro_batch_size:
             raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} must divide --batch_size={cfg.batch_size}")
         self.mesh = parallel.data_mesh(self.micro_batch_size, cfg.num_devices)
+        shapes = abstract_params(config)
+        abstract_state = TrainState(shapes, jax.eval_shape(self.tx.init, shapes))
+        self.shardings = parallel.state_shardings(self.mesh, abstract_state)
+        self.abstract_state = abstract(abstract_state, self.shardings)
         rep = parallel.replicated(self.mesh)
         self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx), donate_argnums=0,
-                            in_shardings=(rep, parallel.batch_sharding(self.mesh, 1), rep), out_shardings=rep)
+                            in_shardings=(self.shardings, parallel.batch_sharding(self.mesh, 1), rep),
+                            out_shardings=(self.shardings, rep))
         self.eval = jax.jit(partial(eval_step, model=self.model),
-                            in_shardings=(rep, parallel.batch_sharding(self.mesh, 0)), out_shardings=rep)
+                            in_shardings=(self.shardings.params, parallel.batch_sharding(self.mesh, 0)),
+                            out_shardings=rep)
 
     def init_state(self, params) -> TrainState:
-        """Fresh optimizer state for `params`, both replicated over the mesh."""
-        params = jax.device_put(params, parallel.replicated(self.mesh))
-        return TrainState(params, jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params))
+        """`params` and a fresh optimizer state, placed as the step wants them."""
+        params = jax.device_put(params, self.shardings.params)
+        return TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
+
+    def restore_state(self, ckpt: Checkpointer) -> tuple[TrainState, jax.Array]:
+        """(train state, base rng) of the latest checkpoint, restored straight onto the step's placement."""
+        rep = parallel.replicated(self.mesh)
+        optimizer = {"opt_state": self.abstract_state.opt_state,
+                     "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)}
+        restored = ckpt.restore("latest", params=self.abstract_state.params, optimizer=optimizer)
+        return TrainState(restored["params"], restored["optimizer"]["opt_state"]), restored["optimizer"]["rng"]
+
+    def record(self, iter_num: int, best_val_loss: float) -> RunRecord:
+        return RunRecord(train=dataclasses.asdict(self.cfg), model=dataclasses.asdict(self.config),
+                         meta=self.meta, iter_num=iter_num, best_val_loss=best_val_loss)
 
     def windows(self, split: str, shape, *key):
         """Host (x, y) windows of `shape + (T,)`, chosen as a pure function of (seed, split, process, key...)."""
@@ -151,30 +89,22 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     None on resume (they are restored once the run's layout is known)."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
     _, meta = data.open_dataset(dataset_dir)  # fails early if it is not prepared
+    runtime = dict(dtype=cfg.dtype, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
     if cfg.init_from == "scratch":
-        if ckpt.has_checkpoints():
-            raise CheckpointError(f"{cfg.out_dir} already holds a run's checkpoints: continue it with "
-                                  "--init_from=resume, or train into a new --out_dir")
+        refuse_existing_run(cfg.out_dir, "continue it with --init_from=resume, or train into a new --out_dir")
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
         record = ckpt.record("latest")
-        data.check_vocabulary(record["meta"], meta, dataset_dir)
+        data.check_vocabulary(record.meta, meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
-        saved = GPTConfig(**record["model"])
-        config = dataclasses.replace(saved, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
-                                     attn_impl=cfg.attn_impl, remat=cfg.remat)
-        return config, None, None, record["iter_num"], record["best_val_loss"]
-    from .convert import folder_meta
-    from .pretrained import from_pretrained
-
-    if ckpt.has_checkpoints():
-        raise CheckpointError(f"{cfg.out_dir} already holds a run's checkpoints: finetune into a new --out_dir")
+        return with_runtime(record.config, **runtime), None, None, record.iter_num, record.best_val_loss
+    refuse_existing_run(cfg.out_dir, "finetune into a new --out_dir")
     data.check_vocabulary(folder_meta(cfg.init_from), meta, dataset_dir)
-    config, params = from_pretrained(cfg.init_from, dtype=resolve_dtype(cfg.dtype))
-    config = dataclasses.replace(config, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
+    config, params = from_pretrained(cfg.init_from)
+    config = with_runtime(config, **runtime)
     if cfg.block_size != config.block_size:
-        config, params = crop_block_size(config, params, cfg.block_size)
+        config, params = crop(config, params, cfg.block_size)
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
 
 
@@ -190,7 +120,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def _train(cfg, ckpt, out_dir, log):
-    check_attn_impl(cfg.attn_impl)
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
     # An id past the embedding table would read NaNs, not fail: check the (small) val split up front.
@@ -198,13 +127,8 @@ def _train(cfg, ckpt, out_dir, log):
     if top >= config.vocab_size:
         raise data.DataError(f"{cfg.data_dir}/{cfg.dataset} holds token id {top:,} and the model has "
                              f"{config.vocab_size:,} ids: use a dataset tokenized for this model")
-    rep = parallel.replicated(run.mesh)
-    if params is None:  # resume: restore everything onto the replicated layout
-        shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-        optimizer = {"opt_state": jax.eval_shape(run.tx.init, shapes), "rng": jax.random.PRNGKey(0)}
-        restored = ckpt.restore("latest", params=abstract(shapes, rep), optimizer=abstract(optimizer, rep))
-        state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
-        rng = restored["optimizer"]["rng"]
+    if params is None:
+        state, rng = run.restore_state(ckpt)
     else:
         state = run.init_state(params)
     start_iter = iter_num
@@ -225,8 +149,7 @@ def _train(cfg, ckpt, out_dir, log):
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
-                    record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config),
-                              "meta": run.meta, "iter_num": iter_num, "best_val_loss": best_val_loss}
+                    record = run.record(iter_num, best_val_loss)
                     ckpt.save("latest", iter_num, state.params, state.opt_state, rng, record)
                     if improved:
                         ckpt.save("best", iter_num, state.params, state.opt_state, rng, record)

@@ -1,11 +1,13 @@
 """Options with nanoGPT's names: config files, --key=value overrides, and the errors for bad ones."""
 
 import dataclasses
+import typing
 
 import pytest
 
 from conftest import REPO
-from nanogpt_jax.config import ConfigError, SampleConfig, TrainConfig, UserError, parse
+from nanogpt_jax.config import (ConfigError, ConvertConfig, EvalConfig, LoadConfig, PrepareConfig, SampleConfig,
+                                TrainConfig, UserError, parse)
 
 CONFIGS = REPO / "configs"
 
@@ -89,8 +91,10 @@ def test_int_accepted_for_float_and_none_for_optional():
 
 
 def test_malformed_arguments():
-    with pytest.raises(ConfigError, match=r"--max_iters: write options as --key=value"):
+    with pytest.raises(ConfigError, match=r"--max_iters needs a value: write --max_iters=VALUE or --max_iters VALUE"):
         parse(TrainConfig, ["--max_iters"])
+    with pytest.raises(ConfigError, match=r"--max_iters needs a value"):
+        parse(TrainConfig, ["--max_iters", "--batch_size=2"])
     with pytest.raises(ConfigError, match=r"config file .*nope\.py not found"):
         parse(TrainConfig, ["nope.py"])
     with pytest.raises(ConfigError, match=r"expected a CONFIG.py file or --key=value"):
@@ -141,3 +145,34 @@ def test_out_of_range_values_are_refused(cls, arg, fragment):
 def test_in_range_edges_are_accepted():
     assert parse(SampleConfig, ["--temperature=0", "--top_p=1.0", "--max_new_tokens=0"]).temperature == 0.0
     assert parse(TrainConfig, ["--max_iters=0", "--dropout=0.0", "--n_head=1"]).n_head == 1
+
+
+def test_key_space_value_equals_key_equals_value():
+    spaced = parse(TrainConfig, ["--max_iters", "30", "--dataset", "shakespeare_char", "--attn_impl", "None"])
+    joined = parse(TrainConfig, ["--max_iters=30", "--dataset=shakespeare_char", "--attn_impl=None"])
+    assert spaced == joined and (spaced.max_iters, spaced.dataset, spaced.attn_impl) == (30, "shakespeare_char", None)
+
+
+def test_prepare_takes_its_dataset_as_a_bare_word_and_both_option_forms():
+    cfg = parse(PrepareConfig, ["shakespeare_char", "--input", "a.txt", "--data_dir=d"], positional="dataset")
+    assert (cfg.dataset, cfg.input, cfg.data_dir) == ("shakespeare_char", "a.txt", "d")
+    with pytest.raises(ConfigError, match="unknown option --inptu.*did you mean --input"):
+        parse(PrepareConfig, ["shakespeare", "--inptu=a.txt"], positional="dataset")
+
+
+def test_optional_written_with_typing_is_understood():
+    @dataclasses.dataclass
+    class Opts:
+        top_k: typing.Optional[int] = None  # noqa: UP007 - the spelling a contributor may use
+
+    assert parse(Opts, ["--top_k=5"]).top_k == 5 and parse(Opts, ["--top_k=None"]).top_k is None
+    with pytest.raises(ConfigError, match="expected int or None, got str"):
+        parse(Opts, ["--top_k=many"])
+
+
+def test_every_loading_command_shares_the_load_options():
+    for cls in (SampleConfig, EvalConfig, ConvertConfig):
+        assert issubclass(cls, LoadConfig)
+        assert parse(cls, ["--checkpoint=best", "--out_dir=o"]).checkpoint == "best"
+        with pytest.raises(ConfigError, match="--checkpoint=newest: use latest or best"):
+            parse(cls, ["--checkpoint=newest"])

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from nanogpt_jax import cli, parallel
-from nanogpt_jax.checkpoint import load_run
+from nanogpt_jax.checkpoint import CheckpointError
+from nanogpt_jax.load import load_run
 from nanogpt_jax.config import ConfigError, EvalConfig, TrainConfig, UserError, parse
 from nanogpt_jax.convert import ConvertError, import_hf
 from nanogpt_jax.data import DataError, gpt2_encoding
@@ -161,7 +162,7 @@ def test_random_batches_equal_torch_and_train_estimate(hf_small, token_data, tmp
 def test_checkpoint_on_its_dataset_and_on_a_text_file(char_run, input_text, tmp_path):
     out, data_dir = char_run
     config, params, record = load_run(str(out))
-    stoi = {c: i for i, c in enumerate(record["meta"]["itos"])}
+    stoi = {c: i for i, c in enumerate(record.meta["itos"])}
 
     # the run's own dataset and data_dir by default; every val token once
     r = run(EvalConfig(out_dir=str(out), eval_iters=0, batch_size=64, dtype="float32"), progress=False)
@@ -196,7 +197,7 @@ def test_convert_hf_to_checkpoint_then_sample_eval_and_resume(hf_small, token_da
     assert "wrote" in stdout and "vocab_size=512" in stdout
 
     config, params, record = load_run(str(out))
-    assert record["meta"] is None and record["iter_num"] == 0
+    assert record.meta is None and record.iter_num == 0
     ref_config, ref_params = from_pretrained(folder)
     assert config == ref_config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref_params)
@@ -225,7 +226,7 @@ def test_convert_hf_to_checkpoint_then_sample_eval_and_resume(hf_small, token_da
     assert load_run(str(out))[2]["iter_num"] == 2
 
     # converting into a folder that holds checkpoints is refused
-    with pytest.raises(ConvertError, match="already holds checkpoints"):
+    with pytest.raises(CheckpointError, match="already holds a run's checkpoints"):
         import_hf(str(folder), str(out))
 
 
@@ -247,12 +248,12 @@ def test_convert_checkpoint_to_hf(char_run, tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
     # the character vocabulary travels as meta.json: sampling the folder speaks characters
-    assert json.loads((hf_dir / "meta.json").read_text()) == record["meta"]
+    assert json.loads((hf_dir / "meta.json").read_text()) == record.meta
     code, stdout, err = in_process_cli(monkeypatch, capsys, "sample", f"--init_from={hf_dir}", "--start=ROMEO:",
                                        "--num_samples=1", "--max_new_tokens=10")
     assert code == 0, err
     sample = stdout.split("\n---------------\n")[0]
-    assert sample.startswith("ROMEO:") and len(sample) == 16 and set(sample) <= set(record["meta"]["itos"])
+    assert sample.startswith("ROMEO:") and len(sample) == 16 and set(sample) <= set(record.meta["itos"])
 
 
 # ---------------------------------------------------------------------------------------------------- finetune
@@ -271,7 +272,7 @@ def test_finetune_from_hf_folder_crops_block_size_and_sets_dropout(bpe_data, tmp
                    log=quiet)
     config, _, record = load_run(str(out))
     assert (config.block_size, config.dropout, config.vocab_size, config.n_embd) == (32, 0.1, GPT2_VOCAB, 32)
-    assert record["meta"] is None and record["train"]["init_from"] == str(folder)
+    assert record.meta is None and record.train["init_from"] == str(folder)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     losses = [m["loss"] for m in metrics if "loss" in m]

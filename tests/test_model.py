@@ -13,7 +13,7 @@ import pytest
 
 from nanogpt_jax.model import (GPTConfig, crop_block_size, cross_entropy, init_params, make_model,
                                num_params)
-from nanogpt_jax.train import loss_fn
+from nanogpt_jax.step import loss_fn
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
 

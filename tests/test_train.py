@@ -16,12 +16,14 @@ import pytest
 
 from conftest import REPO
 from nanogpt_jax import load_checkpoint
-from nanogpt_jax.checkpoint import Checkpointer, CheckpointError, load_run
+from nanogpt_jax.checkpoint import Checkpointer, CheckpointError
+from nanogpt_jax.load import load_run, model_config, resolve_dtype
+from nanogpt_jax.optim import decay_mask, get_lr, make_optimizer
+from nanogpt_jax.step import TrainState, train_step
 from nanogpt_jax.config import ConfigError, TrainConfig, parse
 from nanogpt_jax.data import DataError
 from nanogpt_jax.model import GPTConfig, init_params, make_model
-from nanogpt_jax.train import (Run, TrainState, decay_mask, get_lr, make_optimizer, model_config, train,
-                               resolve_dtype, train_step)
+from nanogpt_jax.train import Run, train
 
 
 def quiet(*_):
@@ -345,8 +347,8 @@ def test_checkpoint_round_trip(run_a):
     run = Run(cfg, config)
     assert run.estimate_loss(params, 20)["val"] == pytest.approx(evals[20], rel=1e-6)
     _, _, record = load_run(str(out))
-    assert record["iter_num"] == 20 and record["meta"]["vocab_size"] == 65 and len(record["meta"]["itos"]) == 65
-    assert record["train"] == dataclasses.asdict(cfg)
+    assert record.iter_num == 20 and record.meta["vocab_size"] == 65 and len(record.meta["itos"]) == 65
+    assert record.train == dataclasses.asdict(cfg)
 
 
 def test_resume_equals_uninterrupted(run_a, tmp_path):
@@ -402,12 +404,12 @@ def test_best_and_latest_semantics(char_data, tmp_path, monkeypatch, spy_saves, 
     assert [(k, i) for k, i, _, _ in spy_saves] == expected
     assert result["best_val_loss"] == 2.5
     _, params_best, rec_best = load_run(str(tmp_path), "best")
-    assert rec_best["iter_num"] == 6 and rec_best["best_val_loss"] == 2.5
+    assert rec_best.iter_num == 6 and rec_best.best_val_loss == 2.5
     assert_trees_equal(params_best, next(p for k, i, p, _ in spy_saves if (k, i) == ("best", 6)))
     _, params_latest, rec_latest = load_run(str(tmp_path), "latest")
     last = expected[-1][1] if expected[-1][0] == "latest" else expected[-2][1]
-    assert rec_latest["iter_num"] == (8 if always_save else 6) == last
-    assert rec_latest["best_val_loss"] == 2.5
+    assert rec_latest.iter_num == (8 if always_save else 6) == last
+    assert rec_latest.best_val_loss == 2.5
     assert_trees_equal(params_latest, next(p for k, i, p, _ in spy_saves if (k, i) == ("latest", last)))
     # one step directory per kind (max_to_keep=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "best").iterdir() if p.name.isdigit()) == ["6"]

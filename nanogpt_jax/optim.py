@@ -1,0 +1,36 @@
+"""nanoGPT's optimizer: AdamW with its warmup + cosine learning-rate schedule, decay on matrices only,
+and global-norm gradient clipping."""
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .config import TrainConfig
+
+
+def get_lr(it, cfg: TrainConfig):
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate + 0.0 * it
+    warm = cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    ratio = jnp.clip((it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1), 0.0, 1.0)
+    cosine = cfg.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    return jnp.where(it < cfg.warmup_iters, warm, jnp.where(it > cfg.lr_decay_iters, cfg.min_lr, cosine))
+
+
+def decay_mask(params):
+    """Weight decay on matmul and embedding weights only: nanoGPT's "2-D or more" rule, stated by name so
+    that it stays true if layers are ever stacked (a stacked bias is 2-D)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(partial(get_lr, cfg=cfg), b1=cfg.beta1, b2=cfg.beta2,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    # Clipping sits before AdamW so it sees the gradient averaged over micro-batches (and devices); the
+    # chain keeps one structure with or without it, so a run resumes under another --grad_clip.
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
