@@ -48,9 +48,9 @@ def bench_train(cfg: BenchConfig) -> dict:
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:])
     tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    return {"bench": "train", "params_M": num_params(state.params) / 1e6, "devices": run.mesh.size,
+    return {"bench": "train", "params_M": num_params(run.abstract_state.params) / 1e6, "devices": run.layout.devices,
             "batch": f"{cfg.gradient_accumulation_steps}x{cfg.batch_size}x{cfg.block_size}",
-            "micro_batch": run.micro_batch_size,
+            "micro_batch": run.layout.rows,
             "ms_per_iter": dt * 1000, "tokens_per_sec": tokens / dt, "compile_s": times[0],
             "peak_rss_gb": peak_rss_gb()}
 

@@ -63,6 +63,9 @@ class Checkpointer:
         self.managers = {kind: ocp.CheckpointManager(root / kind, options=options) for kind in KINDS}
 
     def save(self, kind: str, iter_num: int, params, opt_state, rng, record: RunRecord) -> None:
+        # One save at a time: `latest` and `best` of one step would share orbax's multi-process barrier names.
+        for mngr in self.managers.values():
+            mngr.wait_until_finished()
         # Params apart from the rest, so that sampling restores them alone.
         saved = self.managers[kind].save(iter_num, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import jax
+
 from . import bench, convert, data, evaluate, parallel, sample, train
 from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
@@ -41,7 +43,9 @@ def run_prepare(argv):
 
 
 def run_train(argv):
-    train.train(options(TrainConfig, argv))
+    cfg = options(TrainConfig, argv)
+    parallel.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    train.train(cfg, log=print if jax.process_index() == 0 else lambda *_: None)  # process 0 speaks for all
 
 
 def run_sample(argv):
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    parallel.use_all_cpu_cores()
+    if argv[0] != "train":  # train may join several processes first
+        parallel.use_all_cpu_cores()
     try:
         COMMANDS[argv[0]](argv[1:])
     except UserError as e:

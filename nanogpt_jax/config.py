@@ -63,13 +63,24 @@ class TrainConfig:
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto = float32 on CPU, bfloat16 elsewhere
     attn_impl: str | None = None  # None/'xla', or 'cudnn' (NVIDIA, bf16/fp16)
     remat: bool = False  # recompute blocks in the backward pass to save activation memory
-    num_devices: int = 0  # data-parallel devices; 0 = as many of the local devices as divide batch_size
+    num_devices: int = 0  # devices to use; 0 = all of them when the batch can be split evenly over them
+    fsdp: int = 1  # shard params and optimizer state over this many devices (1 = pure data parallelism)
+    parallel: str = "mesh"  # 'mesh' (jit over a device mesh) or 'pmap'
+    # several processes (hosts): jax.distributed's own names; TPU pods, SLURM and Open MPI need none of them
+    coordinator_address: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
     seed: int = 1337
 
     def __post_init__(self):
         _at_least(self, 1, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                   "batch_size", "block_size", "n_layer", "n_head", "n_embd")
-        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters")
+        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "process_id")
+        _at_least(self, 1, "fsdp", "num_processes")
+        if self.parallel not in ("mesh", "pmap"):
+            raise ConfigError(f"--parallel={self.parallel}: use mesh or pmap")
+        if self.parallel == "pmap" and self.fsdp > 1:
+            raise ConfigError("--fsdp needs --parallel=mesh (pmap keeps a whole copy of the state per device)")
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n_embd={self.n_embd} must be a multiple of --n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:

@@ -147,14 +147,20 @@ def open_dataset(dataset_dir: Path) -> tuple[dict, dict | None]:
     return {split: open_split(dataset_dir, split) for split in ("train", "val")}, load_meta(dataset_dir)
 
 
-def get_batch(data: np.ndarray, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
-    """Random windows x, y = data[i:i+T], data[i+1:i+1+T] of `shape + (T,)`, int32.
+def window_starts(n_tokens: int, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]) -> np.ndarray:
+    """Random window starts of `shape`; `seed_key` (train's is (seed, split, 0, iteration)) alone decides
+    them: no hidden RNG state, and every process draws the same global batch."""
+    if n_tokens <= block_size:
+        raise DataError(f"the split has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+    return np.random.default_rng(list(seed_key)).integers(0, n_tokens - block_size, size=shape)
 
-    `seed_key` (train's is (seed, split, process, iteration)) alone decides which windows: no hidden RNG state.
-    """
-    if len(data) <= block_size:
-        raise DataError(f"the split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")
-    rng = np.random.default_rng(list(seed_key))
-    ix = rng.integers(0, len(data) - block_size, size=shape)
-    win = np.asarray(data[ix[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+
+def read_windows(data: np.ndarray, starts: np.ndarray, block_size: int):
+    """x, y = data[i:i+T], data[i+1:i+1+T] for every start i, int32, of shape `starts.shape + (T,)`."""
+    win = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
     return win[..., :-1], win[..., 1:]
+
+
+def get_batch(data: np.ndarray, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
+    """Random windows x, y of `shape + (T,)`, int32, read from `data` (a memmap: only those windows)."""
+    return read_windows(data, window_starts(len(data), block_size, shape, seed_key), block_size)

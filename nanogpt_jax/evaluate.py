@@ -65,7 +65,7 @@ def evaluate(config: GPTConfig, params, tokens, *, batch_size: int = 12, eval_it
     if eval_iters > 0 and len(tokens) <= T:
         raise DataError(f"{source or 'the text'} has {len(tokens):,} tokens, fewer than block_size + 1 = {T + 1} "
                         "that a random window needs: pass --eval_iters=0 (every token once) or a smaller --block_size")
-    mesh = parallel.data_mesh(batch_size)
+    mesh = parallel.plan(1, batch_size, batch_size).mesh
     shardings = parallel.state_shardings(mesh, params)
     step = jax.jit(partial(eval_step, model=make_model(config)),
                    in_shardings=(shardings, parallel.batch_sharding(mesh, 0)), out_shardings=parallel.replicated(mesh))
@@ -92,7 +92,8 @@ def evaluate(config: GPTConfig, params, tokens, *, batch_size: int = 12, eval_it
             bar.update()
 
         for x, y in itertools.chain([first], (check(x, y) for x, y in it)):
-            loss = step(params, parallel.put_batch(mesh, 0, x, y))  # mean over the batch's real targets
+            rows = parallel.batch_sharding(mesh, 0)
+            loss = step(params, tuple(parallel.put_rows(rows, a.shape, a.__getitem__) for a in (x, y)))  # mean over the batch's real targets
             if pending is not None:
                 add(*pending)
             pending = (loss, int(np.sum(y >= 0)))

@@ -71,8 +71,8 @@ def load_run(out_dir: str, kind: str = "latest") -> tuple[GPTConfig, dict, RunRe
     try:
         record = ckpt.record(kind)
         shapes = abstract_params(record.config)
-        one_device = parallel.data_mesh(1, 1)
-        params = ckpt.restore(kind, params=abstract(shapes, parallel.state_shardings(one_device, shapes)))
+        one_device = parallel.state_shardings(parallel.single_device_mesh(), shapes)
+        params = ckpt.restore(kind, params=abstract(shapes, one_device))
     finally:
         ckpt.close()
     return record.config, params["params"], record

@@ -22,22 +22,29 @@ def loss_fn(params, model, x_BT, y_BT, key):
     return cross_entropy(logits_BTV, y_BT)
 
 
-def train_step(state: TrainState, batch, key, *, model, tx):
-    """One optimizer update from a batch (x, y) of shape (A, B, T): A micro-batches, gradients averaged."""
+def accumulate_grads(params, batch, key, *, model):
+    """(mean loss, mean gradients) over a batch (x, y) of shape (A, B, T): A micro-batches in a scan."""
     x_ABT, y_ABT = batch
     A = x_ABT.shape[0]
     train = model.config.dropout > 0.0
 
     def micro_step(grads, xs):
         x_BT, y_BT, k = xs
-        loss, g = jax.value_and_grad(loss_fn)(state.params, model, x_BT, y_BT, k if train else None)
+        loss, g = jax.value_and_grad(loss_fn)(params, model, x_BT, y_BT, k if train else None)
         return jax.tree.map(jnp.add, grads, g), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     grads, losses = jax.lax.scan(micro_step, zeros, (x_ABT, y_ABT, jax.random.split(key, A)))
-    grads = jax.tree.map(lambda g: g / A, grads)
+    return jnp.mean(losses), jax.tree.map(lambda g: g / A, grads)
+
+
+def train_step(state: TrainState, batch, key, *, model, tx, grads_fn=None):
+    """One optimizer update from a batch (x, y) of shape (A, B, T). `grads_fn(params, batch, key)` computes
+    (loss, grads); parallel.py wraps accumulate_grads so that each device works on its own rows."""
+    grads_fn = grads_fn or (lambda params, batch, key: accumulate_grads(params, batch, key, model=model))
+    loss, grads = grads_fn(state.params, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), jnp.mean(losses)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
 
 
 def eval_step(params, batch, *, model):

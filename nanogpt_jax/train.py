@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -17,11 +18,11 @@ from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
 from .pretrained import from_pretrained
-from .step import TrainState, eval_step, train_step
+from .step import TrainState, accumulate_grads, eval_step, train_step
 
 
 class Run:
-    """What a training run is made of: data, model, optimizer, jitted functions, placement."""
+    """What a training run is made of: data, model, optimizer, layout over the devices, jitted functions."""
 
     def __init__(self, cfg: TrainConfig, config: GPTConfig):
         self.cfg, self.config = cfg, config
@@ -29,59 +30,96 @@ class Run:
         self.splits, self.meta = data.open_dataset(Path(cfg.data_dir) / cfg.dataset)
         self.model = make_model(config)
         self.tx = make_optimizer(cfg)
-        self.micro_batch_size = cfg.micro_batch_size or cfg.batch_size
-        if self.micro_batch_size < 0 or cfg.batch_size % self.micro_batch_size:
-            raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} must divide --batch_size={cfg.batch_size}")
-        self.mesh = parallel.data_mesh(self.micro_batch_size, cfg.num_devices)
+        self.layout = parallel.plan(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.micro_batch_size,
+                                    fsdp=cfg.fsdp, num_devices=cfg.num_devices, pmap=cfg.parallel == "pmap")
+        self.mesh = mesh = self.layout.mesh
         shapes = abstract_params(config)
         abstract_state = TrainState(shapes, jax.eval_shape(self.tx.init, shapes))
-        self.shardings = parallel.state_shardings(self.mesh, abstract_state)
+        self.shardings = parallel.state_shardings(mesh, abstract_state)  # also the layout checkpoints restore to
         self.abstract_state = abstract(abstract_state, self.shardings)
-        rep = parallel.replicated(self.mesh)
-        self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx), donate_argnums=0,
-                            in_shardings=(self.shardings, parallel.batch_sharding(self.mesh, 1), rep),
-                            out_shardings=(self.shardings, rep))
-        self.eval = jax.jit(partial(eval_step, model=self.model),
-                            in_shardings=(self.shardings.params, parallel.batch_sharding(self.mesh, 0)),
+        grads = partial(accumulate_grads, model=self.model)
+        rep = parallel.replicated(mesh)
+        if self.layout.pmap:
+            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(grads)),
+                            axis_name="devices", in_axes=(0, 0, None), donate_argnums=0)
+            self.step = lambda state, batch, key: _first_loss(step(state, batch, key))
+        else:
+            grads_fn = parallel.per_device_grads(grads, mesh, parallel.state_specs(shapes, self.layout.fsdp))
+            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn),
+                                donate_argnums=0, in_shardings=(self.shardings, parallel.batch_sharding(mesh, 1), rep),
+                                out_shardings=(self.shardings, rep))
+        # Evaluation batches split over the devices when batch_size allows it, else every device sees them all.
+        eval_rows = parallel.batch_sharding(mesh, 0) if cfg.batch_size % mesh.size == 0 else rep
+        self.eval = jax.jit(partial(eval_step, model=self.model), in_shardings=(self.shardings.params, eval_rows),
                             out_shardings=rep)
+        self.eval_rows = eval_rows
 
     def init_state(self, params) -> TrainState:
         """`params` and a fresh optimizer state, placed as the step wants them."""
         params = jax.device_put(params, self.shardings.params)
-        return TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
+        state = TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
+        return parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state
 
     def restore_state(self, ckpt: Checkpointer) -> tuple[TrainState, jax.Array]:
         """(train state, base rng) of the latest checkpoint, restored straight onto the step's placement."""
-        rep = parallel.replicated(self.mesh)
         optimizer = {"opt_state": self.abstract_state.opt_state,
-                     "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)}
+                     "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=parallel.replicated(self.mesh))}
         restored = ckpt.restore("latest", params=self.abstract_state.params, optimizer=optimizer)
-        return TrainState(restored["params"], restored["optimizer"]["opt_state"]), restored["optimizer"]["rng"]
+        state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
+        return (parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state), restored["optimizer"]["rng"]
+
+    def saved_state(self, state: TrainState) -> TrainState:
+        """The state as checkpoints and evaluation take it: one copy, without pmap's device axis."""
+        return parallel.unstack_from_pmap(self.mesh, state) if self.layout.pmap else state
 
     def record(self, iter_num: int, best_val_loss: float) -> RunRecord:
         return RunRecord(train=dataclasses.asdict(self.cfg), model=dataclasses.asdict(self.config),
                          meta=self.meta, iter_num=iter_num, best_val_loss=best_val_loss)
 
-    def windows(self, split: str, shape, *key):
-        """Host (x, y) windows of `shape + (T,)`, chosen as a pure function of (seed, split, process, key...)."""
-        return data.get_batch(self.splits[split], self.config.block_size, shape,
-                              (self.cfg.seed, ("train", "val").index(split), jax.process_index(), *key))
+    def _put(self, split: str, starts: np.ndarray, sharding):
+        """Global (x, y) arrays of windows at `starts`; each process reads only its own devices' rows."""
+        T, read = self.config.block_size, {}
+
+        def windows(index):
+            key = repr(index)
+            if key not in read:  # x and y of one shard come from one read
+                read[key] = data.read_windows(self.splits[split], starts[index[:-1]], T)
+            return read[key]
+
+        shape = (*starts.shape, T)
+        return tuple(parallel.put_rows(sharding, shape, lambda index, i=i: windows(index)[i]) for i in (0, 1))
+
+    def _starts(self, split: str, shape, *key) -> np.ndarray:
+        # The key names process 0 whatever the process: every process draws the same global batch.
+        return data.window_starts(len(self.splits[split]), self.config.block_size, shape,
+                                  (self.cfg.seed, ("train", "val").index(split), 0, *key))
 
     def train_batch(self, iter_num: int):
-        """The step's (A * B / M, M, T) micro-batches: gradient_accumulation_steps (A) batches of
-        batch_size (B) rows, each cut into micro_batch_size (M) pieces (the same update, less memory)."""
-        A, B, M = self.cfg.gradient_accumulation_steps, self.cfg.batch_size, self.micro_batch_size
-        shape = (A * B // M, M, self.config.block_size)
-        x, y = self.windows("train", (A, B), iter_num)
-        return parallel.put_batch(self.mesh, 1, x.reshape(shape), y.reshape(shape))
+        """The step's batch: gradient_accumulation_steps (A) x batch_size (B) windows, drawn as one global
+        batch and laid out as layout.steps micro-batches of layout.rows rows (the same rows, the same update)."""
+        A, B, L = self.cfg.gradient_accumulation_steps, self.cfg.batch_size, self.layout
+        starts = self._starts("train", (A, B), iter_num).reshape(L.steps, L.rows)
+        if not L.pmap:
+            return self._put("train", starts, parallel.batch_sharding(self.mesh, 1))
+        # pmap: device i takes rows i*R:(i+1)*R of every micro-batch, as the mesh would give it
+        n = L.devices
+        starts = starts.reshape(L.steps, n, L.rows // n).transpose(1, 0, 2)
+        return self._put("train", starts, parallel.device_axis_sharding(self.mesh))
 
     def estimate_loss(self, params, it: int) -> dict:
         out = {}
         for split in ("train", "val"):
-            batches = (self.windows(split, (self.cfg.batch_size,), it, k) for k in range(self.cfg.eval_iters))
-            losses = [self.eval(params, parallel.put_batch(self.mesh, 0, *b)) for b in batches]
+            losses = [self.eval(params, self._put(split, self._starts(split, (self.cfg.batch_size,), it, k),
+                                                  self.eval_rows))
+                      for k in range(self.cfg.eval_iters)]
             out[split] = float(np.mean(jax.device_get(losses)))
         return out
+
+
+def _first_loss(out):
+    """pmap returns one loss per device, all equal after the pmean."""
+    state, loss = out
+    return state, loss[0]
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
@@ -130,29 +168,32 @@ def _train(cfg, ckpt, out_dir, log):
     if params is None:
         state, rng = run.restore_state(ckpt)
     else:
-        state = run.init_state(params)
+        state, rng = run.init_state(params), parallel.put_replicated(run.mesh, rng)
     start_iter = iter_num
-    n_params = num_params(state.params)
+    n_params = num_params(run.abstract_state.params)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * config.block_size
     peak = mfu.peak_flops(run.mesh.devices.flat[0].device_kind, config.dtype)
     flops_per_iter = mfu.flops_per_token(config, n_params) * tokens_per_iter
     log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
-    with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    log(f"layout: {run.layout.describe()}")
+    metrics_path = out_dir / "metrics.jsonl" if jax.process_index() == 0 else os.devnull  # process 0 writes
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
         last = {}
         t0, timed, in_flight = time.perf_counter(), 0, None
         while True:
             if iter_num % cfg.eval_interval == 0:
-                losses = run.estimate_loss(state.params, iter_num)
+                saved = run.saved_state(state)
+                losses = run.estimate_loss(saved.params, iter_num)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 _write(metrics, iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
                     record = run.record(iter_num, best_val_loss)
-                    ckpt.save("latest", iter_num, state.params, state.opt_state, rng, record)
+                    ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, record)
                     if improved:
-                        ckpt.save("best", iter_num, state.params, state.opt_state, rng, record)
+                        ckpt.save("best", iter_num, saved.params, saved.opt_state, rng, record)
                     log(f"saving checkpoint to {out_dir}")
                 last = losses
                 t0, timed = time.perf_counter(), 0  # evaluation time is not step time
