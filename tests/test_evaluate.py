@@ -223,7 +223,7 @@ def test_convert_hf_to_checkpoint_then_sample_eval_and_resume(hf_small, token_da
     train(TrainConfig(init_from="resume", out_dir=str(out), dataset="toks", data_dir=str(data_dir), batch_size=4,
                       gradient_accumulation_steps=1, eval_iters=1, eval_interval=2, max_iters=2, dtype="float32"),
           log=quiet)
-    assert load_run(str(out))[2]["iter_num"] == 2
+    assert load_run(str(out))[2].iter_num == 2
 
     # converting into a folder that holds checkpoints is refused
     with pytest.raises(CheckpointError, match="already holds a run's checkpoints"):
