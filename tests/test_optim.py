@@ -131,6 +131,7 @@ def test_decay_mask_is_nanogpts_dim_rule():
                                          "['h']['ln_1']['scale']": False}
 
 
+@pytest.mark.slow
 def test_weight_decay_applies_to_kernels_not_biases():
     """A zero gradient moves matrices by p * (1 - lr * wd) and leaves biases and LayerNorms alone."""
     cfg = TrainConfig(learning_rate=1e-2, decay_lr=False, weight_decay=0.1, grad_clip=1.0)

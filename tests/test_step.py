@@ -21,6 +21,7 @@ def numpy_loss(model, params, x, y):
     return -np.take_along_axis(logp, np.asarray(y)[..., None], -1).mean()
 
 
+@pytest.mark.slow
 def test_micro_batches_equal_one_big_batch():
     """(k, b, T) micro-batches give the updates and loss of one (1, k*b, T) batch; the loss is numpy's."""
     k, b, T = 4, 2, 16
@@ -60,6 +61,7 @@ def test_eval_step_is_the_mean_cross_entropy():
     np.testing.assert_allclose(float(loss), numpy_loss(model, params, x, y), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     """--dtype=bfloat16: activations in bf16, parameters, gradients and optimizer state in float32."""
     cfg = TrainConfig(learning_rate=1e-3, warmup_iters=0, lr_decay_iters=10)
