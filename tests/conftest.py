@@ -7,7 +7,6 @@ numpy recomputes that the tests compare the package against. Helpers: the small 
 """
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -260,8 +259,3 @@ def run_a(char_data, tmp_path_factory):
     with spying_saves() as saves:
         result = train(cfg, log=quiet)
     return cfg, out, saves, result
-
-
-def fields_of(obj) -> dict:
-    """A dataclass instance's fields by name."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
