@@ -5,8 +5,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from conftest import assert_one_error_line
 
 SEP = "---------------"
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -20,15 +23,6 @@ def cli(*args, cwd, timeout=300, **env_vars):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_one_error_line(proc, *fragments):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, input_txt):
     """A scratch folder where `prepare` and a 20-iteration `train` have run (out_dir `out`)."""
@@ -39,6 +33,7 @@ def workdir(tmp_path_factory, input_txt):
     return cwd, prep, train
 
 
+@pytest.mark.slow
 def test_prepare_prints_counts(workdir):
     cwd, prep, _ = workdir
     assert prep.returncode == 0, prep.stderr
@@ -48,6 +43,7 @@ def test_prepare_prints_counts(workdir):
     assert os.path.getsize(cwd / "data" / "shakespeare_char" / "train.bin") == 2 * 1_003_854
 
 
+@pytest.mark.slow
 def test_train_then_sample(workdir):
     cwd, _, train = workdir
     assert train.returncode == 0, train.stderr
@@ -75,37 +71,42 @@ def test_train_then_sample(workdir):
 
 def test_unknown_option(tmp_path):
     proc = cli("train", "--learnin_rate=1e-3", cwd=tmp_path)
-    assert_one_error_line(proc, "--learnin_rate", "did you mean --learning_rate")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "--learnin_rate", "did you mean --learning_rate")
 
 
+@pytest.mark.slow
 def test_bad_option_value(tmp_path):
     proc = cli("train", "--max_iters='abc'", cwd=tmp_path)
-    assert_one_error_line(proc, "--max_iters", "expected int")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "--max_iters", "expected int")
 
 
+@pytest.mark.slow
 def test_train_without_prepared_data_says_run_prepare(tmp_path):
     proc = cli("train", *TINY, "--data_dir=nowhere", "--max_iters=2", cwd=tmp_path)
-    assert_one_error_line(proc, "nanogpt-jax prepare shakespeare_char")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "nanogpt-jax prepare shakespeare_char")
 
 
+@pytest.mark.slow
 def test_sample_from_missing_out_dir(tmp_path):
     proc = cli("sample", "--out_dir=not_trained", cwd=tmp_path)
-    assert_one_error_line(proc, "not_trained")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "not_trained")
     assert not (tmp_path / "not_trained").exists()
 
 
+@pytest.mark.slow
 def test_prepare_unknown_dataset(tmp_path):
     proc = cli("prepare", "openwebtext", cwd=tmp_path)
-    assert_one_error_line(proc, "openwebtext", "shakespeare_char")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "openwebtext", "shakespeare_char")
     proc = cli("prepare", "shakespeare_char", "--input=missing.txt", cwd=tmp_path)
-    assert_one_error_line(proc, "missing.txt")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "missing.txt")
 
 
+@pytest.mark.slow
 def test_sample_start_file_missing(workdir):
     cwd, _, train = workdir
     assert train.returncode == 0, train.stderr
     proc = cli("sample", "--out_dir=out", "--start=FILE:missing.txt", "--max_new_tokens=2", cwd=cwd)
-    assert_one_error_line(proc, "missing.txt")
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "missing.txt")
 
 
 def test_usage(tmp_path):
@@ -115,6 +116,7 @@ def test_usage(tmp_path):
     assert proc.returncode == 0 and "usage: nanogpt-jax" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_devices_train_like_one(workdir):
     """The command splits each batch over one host device per core; the losses equal a one-device run."""
     cwd = workdir[0]
@@ -130,3 +132,53 @@ def test_two_devices_train_like_one(workdir):
     assert len(runs[1]) == 12
     # same batches, same init: only the order of the gradient all-reduce's float additions differs
     assert runs[2] == pytest.approx(runs[1], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ in this process
+
+
+def test_prepare_takes_input_with_a_space(tmp_path, input_txt, run_cli, monkeypatch):
+    """`prepare shakespeare_char --input PATH` (space form, nanoGPT's own spelling of options) prepares from PATH:
+    nanoGPT's counts, and the files hold the text."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("prepare", "shakespeare_char", "--input", str(input_txt), "--data_dir", "d")
+    assert (code, err) == (0, "")
+    assert out == (f"wrote {Path('d') / 'shakespeare_char'}: vocab size 65, train 1,003,854 tokens, "
+                   "val 111,540 tokens\n")
+    itos = json.loads((tmp_path / "d" / "shakespeare_char" / "meta.json").read_text(encoding="utf-8"))["itos"]
+    val = (tmp_path / "d" / "shakespeare_char" / "val.bin").read_bytes()
+    text = input_txt.read_text(encoding="utf-8")
+    assert "".join(itos[i] for i in memoryview(val).cast("H")) == text[int(len(text) * 0.9):]
+
+
+def test_sample_prints_the_ignored_flag_note(char_run, run_cli):
+    """nanoGPT's `--compile=False` on sample: a note on stderr, and the samples as without it."""
+    out_dir, _ = char_run
+    args = ["sample", f"--out_dir={out_dir}", "--num_samples=2", "--max_new_tokens=5", "--start=ROMEO:"]
+    code, plain, err = run_cli(*args)
+    assert (code, err) == (0, "")
+    code, noted, err = run_cli(*args, "--compile=False")
+    assert code == 0 and noted == plain
+    assert err == "--compile has no effect in nanogpt-jax: XLA always compiles\n"
+    assert plain.count(SEP) == 2 and all(s.startswith("ROMEO:") for s in plain.split("\n" + SEP + "\n")[:2])
+
+
+@pytest.mark.parametrize("args", [
+    ["prepare"],
+    ["train", "--data_dir=nowhere"],
+    ["sample", "--out_dir=nowhere"],
+    ["eval", "--out_dir=nowhere"],
+    ["convert"],
+    ["bench", "--num_devices=5", "--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2"],
+])
+def test_every_command_notes_ignored_nanogpt_flags(args, tmp_path, monkeypatch, run_cli):
+    """Each command accepts nanoGPT's --compile/--device/--wandb_log with a note per flag on stderr, before it
+    runs (here each then stops at a cheap error of its own)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(*args, "--compile=False", "--device=cpu", "--wandb_log=False")
+    *notes, error = err.splitlines()
+    assert notes == ["--compile has no effect in nanogpt-jax: XLA always compiles",
+                     "--device has no effect in nanogpt-jax: JAX picks the accelerator; set JAX_PLATFORMS=cpu to "
+                     "force the CPU",
+                     "--wandb_log has no effect in nanogpt-jax: metrics go to out_dir/metrics.jsonl"]
+    assert_one_error_line(code, out, error)

@@ -11,17 +11,21 @@ import nanogpt_jax.data as data
 from nanogpt_jax.data import DataError, Tokenizer, get_batch, load_meta, open_split, prepare
 
 
+def prepared_splits(folder, info, vocab_size, n_train, n_val):
+    """The train and val ids of a prepared folder, after checking prepare's counts and the files' sizes."""
+    assert (info["vocab_size"], info["train_tokens"], info["val_tokens"]) == (vocab_size, n_train, n_val)
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    val = np.fromfile(folder / "val.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (n_train, n_val)
+    assert os.path.getsize(folder / "train.bin") == 2 * n_train  # raw uint16, no header
+    return train, val
+
+
 def test_prepare_char_counts_and_files(char_data, input_text):
     data_dir, info = char_data
     # nanoGPT's data/shakespeare_char/prepare.py prints these
-    assert info["vocab_size"] == 65
-    assert info["train_tokens"] == 1_003_854
-    assert info["val_tokens"] == 111_540
     folder = data_dir / "shakespeare_char"
-    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
-    val = np.fromfile(folder / "val.bin", dtype=np.uint16)
-    assert (len(train), len(val)) == (1_003_854, 111_540)
-    assert os.path.getsize(folder / "train.bin") == 2 * 1_003_854  # raw uint16, no header
+    train, val = prepared_splits(folder, info, 65, 1_003_854, 111_540)
     # the vocabulary is the sorted set of characters, and it round-trips the text
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     assert meta["vocab_size"] == 65 and meta["itos"] == sorted(set(input_text))
@@ -39,13 +43,8 @@ def test_prepare_bpe_counts(bpe_data, input_text):
 
     data_dir, info = bpe_data
     # nanoGPT's data/shakespeare/prepare.py: "train has 301,966 tokens", "val has 36,059 tokens"
-    assert info["train_tokens"] == 301_966
-    assert info["val_tokens"] == 36_059
-    assert info["vocab_size"] == 50257
     folder = data_dir / "shakespeare"
-    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
-    val = np.fromfile(folder / "val.bin", dtype=np.uint16)
-    assert (len(train), len(val)) == (301_966, 36_059)
+    train, val = prepared_splits(folder, info, 50257, 301_966, 36_059)
     enc = tiktoken.get_encoding("gpt2")
     assert enc.decode(train.tolist()) + enc.decode(val.tolist()) == input_text
     assert load_meta(folder) is None  # GPT-2 BPE: no character vocabulary

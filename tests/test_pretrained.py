@@ -9,28 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
+import transformers
 
+from conftest import HF_POSITIONS as N_POS, HF_VOCAB as VOCAB, hf_gpt2
 from nanogpt_jax.model import GPTConfig, init_params, make_model
 from nanogpt_jax.pretrained import HUB_IDS, PretrainedError, from_pretrained, save_pretrained
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-VOCAB, N_POS, N_LAYER = 512, 64, 2
+N_LAYER = 2
 SIZES = [(768, 12), (1024, 16), (1280, 20), (1600, 25)]  # (n_embd, n_head) of gpt2, -medium, -large, -xl
+# gpt2's width in the quick set, the wider three with the slow tests
+SIZE_PARAMS = [SIZES[0]] + [pytest.param(s, marks=pytest.mark.slow) for s in SIZES[1:]]
 IDX_BT = np.random.default_rng(0).integers(0, VOCAB, (2, N_POS))
-
-
-def hf_reference(n_embd, n_head, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=N_POS, n_embd=n_embd, n_layer=N_LAYER,
-                                  n_head=n_head, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # HF inits LayerNorms to (1, 0) and biases to 0: perturb them so a swap would show
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def hf_logits(model):
@@ -60,9 +50,9 @@ def write_hub_layout(model, folder, drop=(), reshape=None, extra=None):
     return folder
 
 
-@pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"embd{s[0]}-head{s[1]}")
+@pytest.fixture(scope="module", params=SIZE_PARAMS, ids=lambda s: f"embd{s[0]}-head{s[1]}")
 def reference(request):
-    model = hf_reference(*request.param)
+    model = hf_gpt2(*request.param)
     return model, hf_logits(model)
 
 
@@ -80,7 +70,7 @@ def test_logits_match_transformers(reference, layout, tmp_path):
 
 
 def test_safetensors_file_and_pytorch_bin(tmp_path):
-    model = hf_reference(768, 12)
+    model = hf_gpt2(768, 12)
     expected = hf_logits(model)
     write_hub_layout(model, tmp_path / "st")
     config, params = from_pretrained(tmp_path / "st" / "model.safetensors")
@@ -103,6 +93,7 @@ def test_pytorch_bin_without_torch(tmp_path, monkeypatch):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_save_pretrained_loads_in_transformers_and_round_trips(tmp_path):
     config = GPTConfig(block_size=N_POS, vocab_size=VOCAB, n_layer=N_LAYER, n_head=4, n_embd=128)
     params = init_params(config, jax.random.key(0))
@@ -133,7 +124,7 @@ def test_save_pretrained_rejects_bias_false(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_model():
-    return hf_reference(64, 4)
+    return hf_gpt2(64, 4)
 
 
 def test_missing_tensor_is_named(small_model, tmp_path):
