@@ -103,7 +103,8 @@ def wandb_records(run_file):
 def test_wandb_offline_run_gets_every_record(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing outside tmp_path
+        monkeypatch.setenv(var, str(tmp_path))
     options = {"project": "nanogpt-test", "name": "tiny", "config": {"n_layer": 2, "learning_rate": 1e-3}}
     with MetricsLog(tmp_path, resume_iter=None, wandb=options) as m:
         m.log(iter=0, train_loss=4.5, val_loss=4.25)
