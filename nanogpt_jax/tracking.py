@@ -52,7 +52,7 @@ def start_wandb(out_dir: str, options: dict):
     try:
         import wandb
     except ImportError:
-        raise MetricsError("wandb logging needs wandb: pip install wandb (or pip install 'nanogpt-jax[wandb]')") from None
+        raise MetricsError("wandb logging needs wandb: pip install wandb (or 'nanogpt-jax[wandb]')") from None
     return wandb.init(dir=str(out_dir), **options)
 
 

@@ -15,7 +15,8 @@ def fake_run(folder, n_iters=50, eval_interval=10, scale=1.0, tail=""):
     records = []
     for it in range(n_iters):
         if it % eval_interval == 0:
-            records.append({"iter": it, "train_loss": scale * 4 / (1 + it / 10), "val_loss": scale * 4.2 / (1 + it / 10)})
+            records.append({"iter": it, "train_loss": scale * 4 / (1 + it / 10),
+                            "val_loss": scale * 4.2 / (1 + it / 10)})
         records.append({"iter": it, "loss": scale * 4 / (1 + it / 12), "lr": 1e-3 * min(1, (it + 1) / 10),
                         "dt_ms": 40.0, "tokens_per_sec": 12_000.0 + it, "mfu": None})
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,7 @@ def test_main_parses_folders_and_output(tmp_path, capsys):
     main([str(tmp_path / "out-a"), f"--output={tmp_path / 'x.png'}"])
     assert capsys.readouterr().out == f"wrote {tmp_path / 'x.png'}\n"
     assert png_size(tmp_path / "x.png") == (800, 900)
-    with pytest.raises(PlotError, match=r"plot: unknown argument '--out=x.png'; it takes run folders and --output=FILE"):
+    with pytest.raises(PlotError, match=r"plot: unknown argument '--out=x.png'; it takes run folders and --output="):
         main([str(tmp_path / "out-a"), "--out=x.png"])
 
 
@@ -68,10 +69,10 @@ def test_errors_are_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(PlotError, match=r"plot needs at least one run folder"):
         plot([])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MetricsError, match=r"empty[/\\]metrics\.jsonl not found: is .* the --out_dir of a training run\?"):
+    with pytest.raises(MetricsError, match=r"metrics\.jsonl not found: is .*empty the --out_dir of a training run\?"):
         plot([str(tmp_path / "empty")], str(tmp_path / "e.png"))
     (tmp_path / "empty" / "metrics.jsonl").write_text('{"iter": 0, "lr": 0.001}\n{"iter": 1, "lo', encoding="utf-8")
-    with pytest.raises(PlotError, match=r"empty/metrics\.jsonl has no loss record yet"):
+    with pytest.raises(PlotError, match=r"empty[/\\]metrics\.jsonl has no loss record yet"):
         plot([str(tmp_path / "empty")], str(tmp_path / "e.png"))
     fake_run(tmp_path / "out-a")
     with pytest.raises(PlotError, match=r"cannot write .*no_such_dir.*\.png"):

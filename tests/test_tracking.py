@@ -55,9 +55,11 @@ def test_resume_without_a_file_starts_an_empty_one(tmp_path):
 
 
 def test_read_metrics_skips_a_torn_last_line_only(tmp_path):
-    write_lines(tmp_path / "metrics.jsonl", [{"iter": 0, "loss": 4.0}, {"iter": 1, "loss": 3.5}], tail='{"iter": 2, "lo')
-    assert read_metrics(tmp_path) == [{"iter": 0, "loss": 4.0}, {"iter": 1, "loss": 3.5}]
-    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "loss": 4.0}\n{"iter": 1, "lo\n{"iter": 2}\n', encoding="utf-8")
+    records = [{"iter": 0, "loss": 4.0}, {"iter": 1, "loss": 3.5}]
+    write_lines(tmp_path / "metrics.jsonl", records, tail='{"iter": 2, "lo')
+    assert read_metrics(tmp_path) == records
+    # a broken line before the last is damage, not a kill: say where
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0}\n{"iter": 1, "lo\n{"iter": 2}\n', encoding="utf-8")
     with pytest.raises(MetricsError, match=r"metrics\.jsonl:2 is not a JSON object; fix or delete that line"):
         read_metrics(tmp_path)
     with pytest.raises(MetricsError, match=r"not found: is .*nowhere the --out_dir of a training run\?"):
