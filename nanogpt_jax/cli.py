@@ -5,14 +5,15 @@ import sys
 
 import jax
 
-from . import bench, convert, data, evaluate, parallel, sample, train
+from . import bench, convert, data, evaluate, parallel, plot, sample, train
 from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 
 USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
 
 commands:
-  prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare)
+  prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare;
+                                                    the text ships with the package, --input overrides it)
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
   sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
@@ -21,6 +22,7 @@ commands:
   convert --init_from=gpt2|HF_DIR --out_dir=DIR     HuggingFace GPT-2 -> checkpoint (train, sample, eval it)
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
   bench [--key=value ...]                           measure training step and generate speed
+  plot OUT_DIR [OUT_DIR ...] [--output=loss.png]    loss, lr and tokens/s of runs (pip install 'nanogpt-jax[plot]')
 """
 
 
@@ -68,7 +70,7 @@ def run_bench(argv):
 
 
 COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval,
-            "convert": run_convert, "bench": run_bench}
+            "convert": run_convert, "bench": run_bench, "plot": plot.main}
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,10 @@ class TrainConfig:
     num_processes: int | None = None
     process_id: int | None = None
     seed: int = 1337
+    # Weights & Biases (pip install 'nanogpt-jax[wandb]'; WANDB_MODE=offline works without an account)
+    wandb_log: bool = False
+    wandb_project: str = "owt"
+    wandb_run_name: str = "gpt2"
 
     def __post_init__(self):
         _at_least(self, 1, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
@@ -180,14 +184,15 @@ def _at_least(cfg, low, *keys):
             raise ConfigError(f"--{key}={value}: must be at least {low}")
 
 
-# nanoGPT options that mean nothing here: accepted so that nanoGPT command lines run, with a note.
+# nanoGPT options that mean nothing here (or nothing to this command): accepted so that nanoGPT command lines
+# and configs run, with a note.
 IGNORED = {
     "compile": "XLA always compiles",
     "device": "JAX picks the accelerator; set JAX_PLATFORMS=cpu to force the CPU",
     "backend": "JAX picks the collective backend",
-    "wandb_log": "metrics go to out_dir/metrics.jsonl",
-    "wandb_project": "metrics go to out_dir/metrics.jsonl",
-    "wandb_run_name": "metrics go to out_dir/metrics.jsonl",
+    "wandb_log": "only train logs to Weights & Biases",
+    "wandb_project": "only train logs to Weights & Biases",
+    "wandb_run_name": "only train logs to Weights & Biases",
 }
 
 
@@ -231,7 +236,7 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
     values = {}
 
     def put(key, value, source):
-        if key in IGNORED:
+        if key in IGNORED and key not in {f.name for f in dataclasses.fields(cls)}:
             if notes is not None:
                 notes.append(f"--{key} has no effect in nanogpt-jax: {IGNORED[key]}")
             return

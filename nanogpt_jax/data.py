@@ -7,15 +7,13 @@ Batches are random windows read from a memmap; which windows is a pure function 
 import json
 import os
 import pickle
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
+from .assets import gpt2_encoding, shakespeare_text
 from .config import UserError
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = ("shakespeare_char", "shakespeare")
 
 
@@ -24,21 +22,15 @@ class DataError(UserError):
 
 
 def read_input(path: str | None, cache_path: Path) -> str:
-    """The Tiny Shakespeare text: `path`, else a copy cached by an earlier prepare, else the download."""
+    """The Tiny Shakespeare text: `path`, else an input.txt in the dataset folder (nanoGPT's layout), else the
+    copy shipped inside the package: nothing is downloaded."""
     if path is not None:
         if not os.path.isfile(path):
             raise DataError(f"--input {path}: no such file")
         return Path(path).read_text(encoding="utf-8")
     if cache_path.is_file():
         return cache_path.read_text(encoding="utf-8")
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
-            text = r.read().decode("utf-8")
-    except OSError as e:
-        raise DataError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); "
-                        "pass --input PATH to a local copy of input.txt") from None
-    cache_path.write_text(text, encoding="utf-8")
-    return text
+    return shakespeare_text()
 
 
 def write_split(ids, path: Path) -> int:
@@ -70,14 +62,6 @@ def prepare(dataset: str, data_dir: str = "data", input_path: str | None = None)
     info["val_tokens"] = write_split(encode(val_text), out / "val.bin")
     info["dir"] = str(out)
     return info
-
-
-def gpt2_encoding():
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises plain requests/OS errors when offline
-        raise DataError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); offline, set "
-                        "TIKTOKEN_CACHE_DIR to a folder holding its cached vocab.bpe and encoder.json") from None
 
 
 def load_meta(dataset_dir: Path) -> dict | None:

@@ -1,9 +1,7 @@
 """Training: nanoGPT's loop around the pure, jitted step of step.py, with data, placement and checkpoints."""
 
 import dataclasses
-import json
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +16,7 @@ from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
 from .pretrained import from_pretrained
+from .tracking import MetricsLog
 from .step import TrainState, accumulate_grads, eval_step, train_step
 
 
@@ -177,8 +176,9 @@ def _train(cfg, ckpt, out_dir, log):
     log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
     log(f"layout: {run.layout.describe()}")
-    metrics_path = out_dir / "metrics.jsonl" if jax.process_index() == 0 else os.devnull  # process 0 writes
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    wandb = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": dataclasses.asdict(cfg)}
+    with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
+                    enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:
         last = {}
         t0, timed, in_flight = time.perf_counter(), 0, None
         while True:
@@ -186,7 +186,7 @@ def _train(cfg, ckpt, out_dir, log):
                 saved = run.saved_state(state)
                 losses = run.estimate_loss(saved.params, iter_num)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                _write(metrics, iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                metrics.log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
@@ -214,12 +214,7 @@ def _train(cfg, ckpt, out_dir, log):
                 util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
                 log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
                     f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}")
-                _write(metrics, iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
+                metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
                        tokens_per_sec=tokens_per_iter / dt, mfu=util)
             iter_num += 1
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last}
-
-
-def _write(f, **record):
-    f.write(json.dumps(record) + "\n")
-    f.flush()

@@ -172,13 +172,13 @@ def test_sample_prints_the_ignored_flag_note(char_run, run_cli):
     ["bench", "--num_devices=5", "--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2"],
 ])
 def test_every_command_notes_ignored_nanogpt_flags(args, tmp_path, monkeypatch, run_cli):
-    """Each command accepts nanoGPT's --compile/--device/--wandb_log with a note per flag on stderr, before it
+    """Each command accepts nanoGPT's --compile/--device/--backend with a note per flag on stderr, before it
     runs (here each then stops at a cheap error of its own)."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(*args, "--compile=False", "--device=cpu", "--wandb_log=False")
+    code, out, err = run_cli(*args, "--compile=False", "--device=cpu", "--backend=nccl")
     *notes, error = err.splitlines()
     assert notes == ["--compile has no effect in nanogpt-jax: XLA always compiles",
                      "--device has no effect in nanogpt-jax: JAX picks the accelerator; set JAX_PLATFORMS=cpu to "
                      "force the CPU",
-                     "--wandb_log has no effect in nanogpt-jax: metrics go to out_dir/metrics.jsonl"]
+                     "--backend has no effect in nanogpt-jax: JAX picks the collective backend"]
     assert_one_error_line(code, out, error)

@@ -103,11 +103,16 @@ def test_malformed_arguments():
 
 def test_nanogpt_only_options_give_notes():
     notes = []
-    cfg = parse(TrainConfig, ["--compile=False", "--device=cpu", "--wandb_log=False", "--max_iters=7"], notes)
+    cfg = parse(TrainConfig, ["--compile=False", "--device=cpu", "--backend=gloo", "--max_iters=7"], notes)
     assert cfg.max_iters == 7
     assert len(notes) == 3 and all("has no effect" in n for n in notes)
     assert notes[0].startswith("--compile")
     assert cfg == dataclasses.replace(TrainConfig(), max_iters=7)
+    # train logs to wandb itself; for the other commands wandb_log is a note
+    assert parse(TrainConfig, ["--wandb_log=True"]).wandb_log is True
+    notes = []
+    assert parse(SampleConfig, ["--wandb_log=True"], notes) == SampleConfig()
+    assert notes == ["--wandb_log has no effect in nanogpt-jax: only train logs to Weights & Biases"]
 
 
 def test_command_line_values_are_never_executed(tmp_path, monkeypatch):

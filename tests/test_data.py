@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import socket
 
 import numpy as np
 import pytest
@@ -83,10 +84,18 @@ def test_malicious_meta_pkl_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_prepare_offline_without_input_says_use_input(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # closed loopback port
-    with pytest.raises(DataError, match="--input"):
-        prepare("shakespeare_char", data_dir=str(tmp_path))
+def test_prepare_without_input_or_network_uses_the_shipped_copy(tmp_path, monkeypatch):
+    """No --input, no network (sockets refused), an empty tiktoken cache: nanoGPT's counts all the same."""
+    def no_network(*_, **__):
+        raise OSError("network refused in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    char = prepare("shakespeare_char", data_dir=str(tmp_path))
+    assert (char["vocab_size"], char["train_tokens"], char["val_tokens"]) == (65, 1_003_854, 111_540)
+    bpe = prepare("shakespeare", data_dir=str(tmp_path))
+    assert (bpe["vocab_size"], bpe["train_tokens"], bpe["val_tokens"]) == (50257, 301_966, 36_059)
 
 
 def test_prepare_reads_input_txt_already_in_the_dataset_folder(tmp_path, monkeypatch, input_txt):
@@ -94,7 +103,7 @@ def test_prepare_reads_input_txt_already_in_the_dataset_folder(tmp_path, monkeyp
     folder = tmp_path / "shakespeare_char"
     folder.mkdir()
     (folder / "input.txt").write_bytes(input_txt.read_bytes())
-    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data, "shakespeare_text", lambda: pytest.fail("the shipped copy was read"))
     info = prepare("shakespeare_char", data_dir=str(tmp_path))
     assert (info["vocab_size"], info["train_tokens"], info["val_tokens"]) == (65, 1_003_854, 111_540)
 

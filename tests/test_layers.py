@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanogpt_jax"
 LAYERS = [
     {"config"},
     {"model"},
+    {"assets", "tracking"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
     {"load"},
-    {"train", "evaluate", "convert", "sample"},
+    {"train", "evaluate", "convert", "sample", "plot"},
     {"bench"},
     {"cli"},
     {"__init__"},
@@ -29,6 +30,8 @@ def package_imports(node: ast.AST) -> set[str]:
     """The package modules an import statement names (`from . import a, b`, `from .a import x`)."""
     if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("nanogpt_jax")):
         module = (node.module or "").removeprefix("nanogpt_jax").lstrip(".")
+        if node.level > 1:  # a subpackage's `from ..config import x`
+            return {module.split(".")[0]}
         return {module.split(".")[0]} if module else {alias.name for alias in node.names}
     if isinstance(node, ast.Import):
         return {a.name.split(".")[1] for a in node.names if a.name.startswith("nanogpt_jax.")}
@@ -36,7 +39,8 @@ def package_imports(node: ast.AST) -> set[str]:
 
 
 def modules():
-    return {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.glob("*.py"))}
+    files = {p.stem: p for p in PACKAGE.glob("*.py")} | {p.parent.name: p for p in PACKAGE.glob("*/__init__.py")}
+    return {name: ast.parse(p.read_text(encoding="utf-8")) for name, p in sorted(files.items())}
 
 
 def test_every_module_has_a_layer():

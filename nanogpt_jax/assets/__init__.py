@@ -9,6 +9,8 @@ import json
 import lzma
 from importlib import resources
 
+import tiktoken
+
 from ..config import UserError
 
 # (file in this folder, sha256 of the decompressed bytes)
@@ -52,7 +54,6 @@ def data_gym_bytes() -> dict[str, int]:
 @functools.cache
 def gpt2_encoding():
     """tiktoken's gpt2 Encoding built from the shipped encoder.json: no network, no tiktoken cache."""
-    import tiktoken
 
     # A token's id is also its merge rank (tiktoken asserts this when it reads vocab.bpe + encoder.json),
     # so encoder.json alone gives the mergeable ranks. tiktoken's own loader is not used because it copies
