@@ -1,0 +1,191 @@
+"""Placement and scale-out: one layout on 1 device, a data-parallel mesh over 8, FSDP, pmap and two
+jax.distributed processes see the same global batches, so they train alike; gradients are reduced once per
+optimizer step; under FSDP each device holds only its shard; checkpoints move between layouts.
+
+The device counts are XLA's fake host devices and real local processes, each in its own subprocess
+(the count is fixed when JAX starts)."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import read_metrics
+from jax.sharding import PartitionSpec as P
+
+from nanogpt_jax import load_checkpoint
+from nanogpt_jax.parallel import leaf_spec
+
+TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1",
+        "--learning_rate=1e-3", "--warmup_iters=2", "--lr_decay_iters=20", "--min_lr=1e-4", "--eval_interval=3"]
+
+
+def run(args, cwd, devices, timeout=300):
+    """`python -m nanogpt_jax.cli ARGS` with `devices` fake CPU devices; returns the finished process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "nanogpt_jax.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def losses(out_dir):
+    """(per-iteration training losses, (iteration, val loss) of each evaluation) from metrics.jsonl."""
+    m = read_metrics(out_dir)
+    return [r["loss"] for r in m if "loss" in r], [(r["iter"], r["val_loss"]) for r in m if "val_loss" in r]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, char_data):
+    """Three optimizer steps of one config on 1 device, a mesh over 8, FSDP over 4 (mesh 2 x 4) and pmap
+    over 8; and 4 steps on one device (the reference for resuming)."""
+    data_dir, _ = char_data
+    cwd = tmp_path_factory.mktemp("layouts")
+    variants = {"one": ["--num_devices=1", "--max_iters=4"], "mesh": [], "fsdp": ["--fsdp=4"],
+                "pmap": ["--parallel=pmap"]}
+    outs = {}
+    for name, extra in variants.items():  # one after the other: two cores
+        outs[name] = finish(run(["train", *TINY, f"--data_dir={data_dir}", f"--out_dir={name}", "--max_iters=3",
+                                 *extra], cwd, devices=8))
+    return cwd, outs
+
+
+@pytest.mark.slow
+def test_every_layout_trains_like_one_device(layouts):
+    cwd, outs = layouts
+    assert "1 of 8 devices" in outs["one"] and "mesh data=8 x fsdp=1" in outs["mesh"]
+    assert "mesh data=2 x fsdp=4" in outs["fsdp"] and "pmap data=8" in outs["pmap"]
+    assert "1 row(s) per device x 2 micro-batch(es) per step" in outs["pmap"]
+    ref_steps, ref_evals = losses(cwd / "one")
+    _, ref_params = load_checkpoint(str(cwd / "one"))  # saved at iteration 3
+    for name in ("mesh", "fsdp", "pmap"):
+        steps, evals = losses(cwd / name)
+        np.testing.assert_allclose(steps, ref_steps[:3], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose([v for _, v in evals], [v for it, v in ref_evals if it <= 3], rtol=1e-5)
+        _, params = load_checkpoint(str(cwd / name))  # any layout's checkpoint loads on one device
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), params,
+                     ref_params)
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_on_one_device(layouts, char_data):
+    """Iteration 3 of the 8-device FSDP run, resumed on a single device, gives the one-device run's loss."""
+    cwd, _ = layouts
+    data_dir, _ = char_data
+    finish(run(["train", *TINY, f"--data_dir={data_dir}", "--out_dir=fsdp", "--init_from=resume",
+                "--max_iters=4"], cwd, devices=1))
+    assert losses(cwd / "fsdp")[0][3] == pytest.approx(losses(cwd / "one")[0][3], rel=1e-5)
+
+
+PROBE = textwrap.dedent("""
+    import re, sys
+    from functools import partial
+    import jax, jax.numpy as jnp
+    from nanogpt_jax import parallel
+    from nanogpt_jax.config import TrainConfig
+    from nanogpt_jax.model import GPTConfig, init_params, make_model
+    from nanogpt_jax.optim import make_optimizer
+    from nanogpt_jax.step import TrainState, accumulate_grads, train_step
+
+    fsdp = int(sys.argv[1])
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)
+    model, tx = make_model(config), make_optimizer(TrainConfig())
+    layout = parallel.plan(3, 8, 8, fsdp=fsdp)
+    mesh, params = layout.mesh, init_params(config, jax.random.PRNGKey(0))
+    shardings = parallel.state_shardings(mesh, TrainState(params, tx.init(params)))
+    state = TrainState(jax.device_put(params, shardings.params),
+                       jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+    grads = parallel.per_device_grads(partial(accumulate_grads, model=model), mesh,
+                                      parallel.state_specs(params, fsdp))
+    step = jax.jit(partial(train_step, model=model, tx=tx, grads_fn=grads),
+                   in_shardings=(shardings, parallel.batch_sharding(mesh, 1), parallel.replicated(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)))
+    x = jnp.zeros((3, 8, 16), jnp.int32)
+    hlo = step.lower(state, (x, x), jax.random.PRNGKey(0)).compile().as_text()
+    state, _ = step(state, (x, x), jax.random.PRNGKey(0))
+    blocks = {b.split()[0].lstrip("%"): b for b in re.split(r"\\n(?=\\S.*\\{\\n)", hlo) if b.strip()}
+    loops = {m.lstrip("%") for m in re.findall(r"body=(%?[\\w.\\-]+)", hlo)}
+    in_loop = sum(len(re.findall(r"(all-reduce|reduce-scatter)(-start)?\\(", blocks[b])) for b in loops)
+    total = len(re.findall(r"(all-reduce|reduce-scatter)(-start)?\\(", hlo))
+    shard = lambda a: list(a.addressable_shards[0].data.shape)
+    adam = state.opt_state[1][0]
+    plans = [parallel.plan(*args, **kw) for args, kw in [((1, 12, 0), {}), ((4, 12, 0), {}), ((40, 12, 0), {}),
+                                                          ((1, 12, 0), {"fsdp": 4}), ((1, 64, 8), {})]]
+    print({"plans": [(p.devices, p.steps, p.rows) for p in plans], "loops": len(loops), "reductions_in_loops": in_loop, "reductions": total,
+           "c_fc": shard(state.params["h_0"]["mlp"]["c_fc"]["kernel"]),
+           "c_fc_mu": shard(adam.mu["h_0"]["mlp"]["c_fc"]["kernel"]),
+           "c_fc_nu": shard(adam.nu["h_0"]["mlp"]["c_fc"]["kernel"]),
+           "wte": shard(state.params["wte"]["embedding"]),
+           "ln_1": shard(state.params["h_0"]["ln_1"]["scale"])})
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_gradients_are_reduced_once_per_step_and_fsdp_shards(fsdp, tmp_path):
+    """With 3 micro-batches, the compiled step's loop holds no all-reduce or reduce-scatter: each device
+    accumulates its own rows' gradients and they are reduced once, after the loop. Under --fsdp=4 every
+    device holds a quarter of each matrix and of its AdamW moments; vectors stay whole."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, str(script), str(fsdp)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = eval(proc.stdout.strip().splitlines()[-1])  # a dict literal printed by the probe
+    assert probe["loops"] >= 1 and probe["reductions"] >= 1 and probe["reductions_in_loops"] == 0, probe
+    C = 32
+    expected_fc = [C, 4 * C // 4] if fsdp == 4 else [C, 4 * C]  # (32, 128): the larger dimension is split
+    assert probe["c_fc"] == probe["c_fc_mu"] == probe["c_fc_nu"] == expected_fc
+    assert probe["wte"] == ([64 // 4, C] if fsdp == 4 else [64, C])
+    assert probe["ln_1"] == [C]
+    # A x B = 1 x 12 on 8 devices: 6 of them; 4 x 12: micro-batches folded in pairs, 8 devices x 3 rows; 40 x 12
+    # likewise; FSDP 4 needs a multiple of 4 dividing 12; 1 x 64 in micro-batches of 8: one row per device
+    assert probe["plans"] == [(6, 1, 12), (8, 2, 24), (8, 20, 24), (4, 1, 12), (8, 8, 8)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_four_devices(tmp_path, char_data):
+    """Two jax.distributed processes on localhost (2 CPU devices each) read their own rows of the same
+    global batches: every loss equals a one-process run on 4 devices; both save, both resume."""
+    data_dir, _ = char_data
+    common = ["train", *TINY, f"--data_dir={data_dir}"]
+    finish(run([*common, "--out_dir=single", "--max_iters=6"], tmp_path, devices=4))
+
+    def two_processes(*extra):
+        port = free_port()
+        procs = [run([*common, "--out_dir=multi", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                      f"--process_id={i}", *extra], tmp_path, devices=2) for i in range(2)]
+        return [finish(p) for p in procs]
+
+    out0, out1 = two_processes("--max_iters=3")
+    assert "2 process(es), 4 of 4 devices" in out0
+    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []  # process 0 speaks for both
+    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "latest").iterdir()) == ["3"]
+    two_processes("--max_iters=6", "--init_from=resume")
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    np.testing.assert_allclose(multi[0], single[0], rtol=1e-5)
+    assert [it for it, _ in multi[1]] == [it for it, _ in single[1]] == [0, 3, 6]
+    np.testing.assert_allclose([v for _, v in multi[1]], [v for _, v in single[1]], rtol=1e-5)
+
+
+def test_fsdp_rule_splits_matrices_along_a_divisible_dimension():
+    assert leaf_spec((32, 128), 4) == P(None, "fsdp")  # the larger dimension
+    assert leaf_spec((65, 32), 4) == P(None, "fsdp")  # 65 is not divisible by 4
+    assert leaf_spec((30, 6), 4) == P() and leaf_spec((128,), 4) == P() and leaf_spec((32, 128), 1) == P()
