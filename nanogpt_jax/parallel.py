@@ -154,7 +154,7 @@ def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
 def put_rows(sharding: NamedSharding, shape: tuple[int, ...], read):
     """A global array of `shape` whose rows this process reads itself: read(index) -> the np.ndarray at
     `index` (a tuple of slices) of the global array, asked only for this process's devices' shards."""
-    return jax.make_array_from_callback(shape, sharding, lambda index: read(index))
+    return jax.make_array_from_callback(shape, sharding, read)
 
 
 def put_replicated(mesh: Mesh, x) -> jax.Array:

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
