@@ -1,6 +1,7 @@
 """The `nanogpt-jax` command: parse the options, call the package, print the result, word errors as one line."""
 
 import json
+import os
 import sys
 
 import jax
@@ -23,6 +24,8 @@ commands:
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
   bench [--key=value ...]                           measure training step and generate speed
   plot OUT_DIR [OUT_DIR ...] [--output=loss.png]    loss, lr and tokens/s of runs (pip install 'nanogpt-jax[plot]')
+
+--debug (or NANOGPT_JAX_DEBUG=1) shows the traceback behind an `error: ...` line.
 """
 
 
@@ -74,7 +77,11 @@ COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "e
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("NANOGPT_JAX_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -83,6 +90,8 @@ def main(argv=None) -> int:
     try:
         COMMANDS[argv[0]](argv[1:])
     except UserError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
