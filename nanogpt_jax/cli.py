@@ -50,7 +50,8 @@ def run_prepare(argv):
 def run_train(argv):
     cfg = options(TrainConfig, argv)
     parallel.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    train.train(cfg, log=print if jax.process_index() == 0 else lambda *_: None)  # process 0 speaks for all
+    result = train.train(cfg, log=print if jax.process_index() == 0 else lambda *_: None)  # process 0 speaks
+    return 130 if result["stopped_by"] == "SIGINT" else 0  # SIGTERM (a scheduler's stop) is a clean exit
 
 
 def run_sample(argv):
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     if argv[0] != "train":  # train may join several processes first
         parallel.use_all_cpu_cores()
     try:
-        COMMANDS[argv[0]](argv[1:])
+        code = COMMANDS[argv[0]](argv[1:])
     except UserError as e:
         if debug:
             raise
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

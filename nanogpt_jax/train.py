@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -145,18 +147,43 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
 
 
+class StopRequest:
+    """SIGTERM / SIGINT while training: the loop finishes its step, saves `latest` and returns. A second
+    SIGINT interrupts at once (KeyboardInterrupt). Only in the main thread of a single-process run: the
+    processes of a multi-process run would disagree on the step they stop at."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses'}."""
+    """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
+    (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(cfg.out_dir)
+    stop = StopRequest()
     try:
-        return _train(cfg, ckpt, out_dir, log)
+        return _train(cfg, ckpt, out_dir, log, stop)
     finally:
+        stop.restore()
         ckpt.close()
 
 
-def _train(cfg, ckpt, out_dir, log):
+def _train(cfg, ckpt, out_dir, log, stop):
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
     # An id past the embedding table would read NaNs, not fail: check the (small) val split up front.
@@ -217,4 +244,10 @@ def _train(cfg, ckpt, out_dir, log):
                 metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
                        tokens_per_sec=tokens_per_iter / dt, mfu=util)
             iter_num += 1
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last}
+            if stop.signal is not None:  # the step is done: save it as an evaluation would, and stop
+                saved = run.saved_state(state)
+                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, run.record(iter_num, best_val_loss))
+                log(f"{stop.signal}: saved iteration {iter_num} to {out_dir}; continue with the same options "
+                    f"and --init_from=resume")
+                break
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last, "stopped_by": stop.signal}

@@ -254,3 +254,63 @@ def test_bad_system_options_are_user_errors(char_data, tmp_path, kw, message):
     data_dir, _ = char_data
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         train(tiny_cfg(data_dir, tmp_path, **kw), log=quiet)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stopping: SIGTERM saves and a resume continues bit for bit
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_bit_for_bit(char_data, tmp_path):
+    """A CLI run stopped by SIGTERM after iteration 3 saves `latest` at its next iteration k, prints how to
+    resume and exits 0; resuming to k + 4 logs the losses, evaluations and params of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_dir, _ = char_data
+    out = tmp_path / "stopped"
+    cfg = tiny_cfg(data_dir, out, n_layer=1, eval_interval=5, max_iters=100_000, lr_decay_iters=50,
+                   dropout=0.1)
+    args = [f"--{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_jax.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and any(m.get("iter", -1) >= 3 for m in read_metrics_tolerant(metrics)):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    last = stdout.splitlines()[-1]
+    assert last.startswith("SIGTERM: saved iteration ") and "--init_from=resume" in last, stdout
+    k = int(last.split()[3])
+    assert k >= 4 and load_run(str(out))[2].iter_num == k
+    # resume in this process (one CPU device, as the subprocess) and run the same iterations uninterrupted
+    train(dataclasses.replace(cfg, init_from="resume", max_iters=k + 4), log=quiet)
+    whole = dataclasses.replace(cfg, out_dir=str(tmp_path / "whole"), max_iters=k + 4)
+    train(whole, log=quiet)
+    a, b = read_metrics(whole.out_dir), read_metrics(out)
+    assert [m["iter"] for m in b] == [m["iter"] for m in a]  # the same records, none twice
+    for ma, mb in zip(a, b):
+        assert {key: ma.get(key) for key in ("loss", "lr", "train_loss", "val_loss")} == \
+               {key: mb.get(key) for key in ("loss", "lr", "train_loss", "val_loss")}, (ma, mb)
+    assert_trees_equal(load_checkpoint(str(out))[1], load_checkpoint(whole.out_dir)[1])
+
+
+def read_metrics_tolerant(path):
+    """metrics.jsonl while it is written: complete lines only."""
+    import json
+
+    *lines, _ = path.read_text().split("\n")
+    return [json.loads(line) for line in lines]
