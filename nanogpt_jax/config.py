@@ -63,6 +63,9 @@ class TrainConfig:
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000
     min_lr: float = 6e-5
+    # a step whose loss or gradient norm is NaN/inf leaves params and optimizer state as they were (counted in
+    # the log); off, a NaN/inf loss stops the run, keeping the last checkpoint
+    skip_nonfinite_steps: bool = False
     # system
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto = float32 on CPU, bfloat16 elsewhere
     attn_impl: str | None = None  # None/'xla', or 'cudnn' (NVIDIA, bf16/fp16)

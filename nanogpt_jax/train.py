@@ -13,7 +13,7 @@ import numpy as np
 
 from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, UserError
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
@@ -41,12 +41,14 @@ class Run:
         grads = partial(accumulate_grads, model=self.model)
         rep = parallel.replicated(mesh)
         if self.layout.pmap:
-            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(grads)),
+            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(grads),
+                                    skip_nonfinite=cfg.skip_nonfinite_steps),
                             axis_name="devices", in_axes=(0, 0, None), donate_argnums=0)
             self.step = lambda state, batch, key: _first_loss(step(state, batch, key))
         else:
             grads_fn = parallel.per_device_grads(grads, mesh, parallel.state_specs(shapes, self.layout.fsdp))
-            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn),
+            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn,
+                                        skip_nonfinite=cfg.skip_nonfinite_steps),
                                 donate_argnums=0, in_shardings=(self.shardings, parallel.batch_sharding(mesh, 1), rep),
                                 out_shardings=(self.shardings, rep))
         # Evaluation batches split over the devices when batch_size allows it, else every device sees them all.
@@ -118,9 +120,21 @@ class Run:
 
 
 def _first_loss(out):
-    """pmap returns one loss per device, all equal after the pmean."""
+    """pmap returns one loss (and skipped flag) per device, all equal after the pmean."""
     state, loss = out
-    return state, loss[0]
+    return state, jax.tree.map(lambda x: x[0], loss)
+
+
+class NonFiniteLossError(UserError):
+    """The loss went NaN or inf: the run stops before anything is saved after it."""
+
+
+def _refuse_nonfinite(cfg, iter_num: int, loss: float, what: str) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"iteration {iter_num}: the {what} is {loss}; stopped, and the last good checkpoint in {cfg.out_dir} "
+            "is kept (nothing was saved after it). Lower --learning_rate, clip gradients (--grad_clip=1.0), or pass "
+            "--skip_nonfinite_steps=True to skip such steps")
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
@@ -207,13 +221,14 @@ def _train(cfg, ckpt, out_dir, log, stop):
     with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
                     enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:
         last = {}
-        t0, timed, in_flight = time.perf_counter(), 0, None
+        t0, timed, in_flight, n_skipped = time.perf_counter(), 0, None, None
         while True:
             if iter_num % cfg.eval_interval == 0:
                 saved = run.saved_state(state)
                 losses = run.estimate_loss(saved.params, iter_num)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 metrics.log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                _refuse_nonfinite(cfg, iter_num, losses["val"] + losses["train"], "evaluation loss")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
@@ -227,6 +242,9 @@ def _train(cfg, ckpt, out_dir, log, stop):
             if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
                 break
             state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
+            if cfg.skip_nonfinite_steps:  # the count stays on the device until a log line reads it
+                loss, skipped = loss
+                n_skipped = skipped if n_skipped is None else n_skipped + skipped
             # At most two steps in flight: the next batch is still read while a step runs, but the device
             # queue never grows with log_interval (deep queues of collectives starve host-CPU devices).
             jax.block_until_ready(in_flight)
@@ -239,10 +257,14 @@ def _train(cfg, ckpt, out_dir, log, stop):
                 t0, timed = t1, 0
                 lr = float(get_lr(iter_num, cfg))
                 util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
+                skips = {} if n_skipped is None else {"skipped_steps": int(n_skipped)}
                 log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}")
+                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}"
+                    + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else ""))
                 metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
-                       tokens_per_sec=tokens_per_iter / dt, mfu=util)
+                       tokens_per_sec=tokens_per_iter / dt, mfu=util, **skips)
+                if not cfg.skip_nonfinite_steps:
+                    _refuse_nonfinite(cfg, iter_num, loss, "loss")
             iter_num += 1
             if stop.signal is not None:  # the step is done: save it as an evaluation would, and stop
                 saved = run.saved_state(state)

@@ -314,3 +314,57 @@ def read_metrics_tolerant(path):
 
     *lines, _ = path.read_text().split("\n")
     return [json.loads(line) for line in lines]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# non-finite losses
+
+
+def _poison_some_batches(monkeypatch):
+    """Training steps whose batch's token sum is a multiple of 3 (about a third, fixed per iteration) get a NaN
+    loss and NaN gradients; evaluation is left alone."""
+    import jax.numpy as jnp
+
+    from nanogpt_jax import train as train_module
+
+    original = train_module.accumulate_grads
+
+    def accumulate_grads(params, batch, key, *, model):
+        loss, grads = original(params, batch, key, model=model)
+        poison = jnp.where(jnp.sum(batch[0]) % 3 == 0, jnp.nan, 0.0)
+        return loss + poison, jax.tree.map(lambda g: g + poison, grads)
+
+    monkeypatch.setattr(train_module, "accumulate_grads", accumulate_grads)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch):
+    from nanogpt_jax.train import NonFiniteLossError
+
+    data_dir, _ = char_data
+    _poison_some_batches(monkeypatch)
+    cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, eval_interval=1, max_iters=20)
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg, log=quiet)
+    bad = [m["iter"] for m in read_metrics(tmp_path) if "loss" in m and not math.isfinite(m["loss"])]
+    assert len(bad) == 1 and f"iteration {bad[0]}: the loss is nan" in str(e.value)
+    assert "last good checkpoint" in str(e.value) and "\n" not in str(e.value)
+    # evaluated and saved every iteration up to the bad one, and nothing after it
+    assert load_run(str(tmp_path))[2].iter_num == bad[0]  # the state before the bad step
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(load_checkpoint(str(tmp_path))[1]))
+
+
+@pytest.mark.slow
+def test_skip_nonfinite_steps_keeps_the_state_and_counts(char_data, tmp_path, monkeypatch):
+    data_dir, _ = char_data
+    _poison_some_batches(monkeypatch)
+    cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, eval_interval=20, max_iters=20, skip_nonfinite_steps=True)
+    lines = []
+    train(cfg, log=lines.append)
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    n_bad = sum(not math.isfinite(m["loss"]) for m in steps)
+    assert 0 < n_bad < 20 and steps[-1]["skipped_steps"] == n_bad
+    assert [m["skipped_steps"] for m in steps] == list(np.cumsum([not math.isfinite(m["loss"]) for m in steps]))
+    assert [line for line in lines if line.startswith("iter 19:")][0].endswith(f", skipped {n_bad} non-finite steps")
+    params = load_checkpoint(str(tmp_path))[1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
