@@ -187,6 +187,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
     (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
     out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir={cfg.out_dir} is a file: give a folder (new or a run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(cfg.out_dir)
     stop = StopRequest()
@@ -200,11 +202,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 def _train(cfg, ckpt, out_dir, log, stop):
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
-    # An id past the embedding table would read NaNs, not fail: check the (small) val split up front.
-    top = int(run.splits["val"].max())
-    if top >= config.vocab_size:
-        raise data.DataError(f"{cfg.data_dir}/{cfg.dataset} holds token id {top:,} and the model has "
-                             f"{config.vocab_size:,} ids: use a dataset tokenized for this model")
+    data.check_splits(Path(cfg.data_dir) / cfg.dataset, run.splits, config.block_size, config.vocab_size)
     if params is None:
         state, rng = run.restore_state(ckpt)
     else:

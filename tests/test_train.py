@@ -368,3 +368,10 @@ def test_skip_nonfinite_steps_keeps_the_state_and_counts(char_data, tmp_path, mo
     assert [line for line in lines if line.startswith("iter 19:")][0].endswith(f", skipped {n_bad} non-finite steps")
     params = load_checkpoint(str(tmp_path))[1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path):
+    data_dir, _ = char_data
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"--out_dir={tmp_path / 'out'} is a file"):
+        train(tiny_cfg(data_dir, tmp_path / "out"), log=quiet)
