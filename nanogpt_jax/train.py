@@ -2,7 +2,9 @@
 
 import dataclasses
 import math
+import os
 import signal
+import socket
 import threading
 import time
 from functools import partial
@@ -183,6 +185,55 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class RunLockedError(UserError):
+    """Another training writes to this out_dir."""
+
+
+class RunLock:
+    """out_dir/.lock holding 'PID HOST' while a training runs there; a lock whose process is gone (same host)
+    is stale and taken over."""
+
+    def __init__(self, out_dir: Path):
+        self.path, self.mine = out_dir / ".lock", f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if self._held():
+                    raise
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine + "\n")
+            return
+        raise RunLockedError(f"could not lock {self.path}: another training is starting there")
+
+    def _held(self) -> bool:
+        try:
+            pid, _, host = self.path.read_text().strip().partition(" ")
+            pid = int(pid)
+        except (OSError, ValueError):
+            return False  # unreadable or half-written: treated as stale
+        if host and host != socket.gethostname():
+            raise RunLockedError(f"{self.path.parent} is in use by training process {pid} on {host}: use another "
+                                 f"--out_dir, or delete {self.path} if that run is over")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, someone else's
+        raise RunLockedError(f"{self.path.parent} is in use by training process {pid}: wait for it, stop it, "
+                             f"or use another --out_dir")
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text().strip() == self.mine:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
     (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
@@ -190,13 +241,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out_dir={cfg.out_dir} is a file: give a folder (new or a run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(cfg.out_dir)
-    stop = StopRequest()
+    lock = RunLock(out_dir) if jax.process_index() == 0 else None
     try:
-        return _train(cfg, ckpt, out_dir, log, stop)
+        ckpt = Checkpointer(cfg.out_dir)
+        stop = StopRequest()
+        try:
+            return _train(cfg, ckpt, out_dir, log, stop)
+        finally:
+            stop.restore()
+            ckpt.close()
     finally:
-        stop.restore()
-        ckpt.close()
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg, ckpt, out_dir, log, stop):

@@ -375,3 +375,32 @@ def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path):
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(ConfigError, match=f"--out_dir={tmp_path / 'out'} is a file"):
         train(tiny_cfg(data_dir, tmp_path / "out"), log=quiet)
+
+
+@pytest.mark.slow
+def test_a_second_training_in_one_out_dir_is_refused_and_a_stale_lock_taken_over(char_data, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from nanogpt_jax.train import RunLockedError
+
+    data_dir, _ = char_data
+    cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, max_iters=2, eval_interval=2)
+    lock = tmp_path / ".lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{other.pid} {socket.gethostname()}\n")
+        with pytest.raises(RunLockedError, match=f"in use by training process {other.pid}"):
+            train(cfg, log=quiet)
+        assert lock.read_text() == f"{other.pid} {socket.gethostname()}\n"  # the holder's lock stays
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its lock is stale, taken over and removed at the end
+    assert train(cfg, log=quiet)["iter_num"] == 2 and not lock.exists()
+    seen = []
+    train(dataclasses.replace(cfg, init_from="resume", max_iters=3),
+          log=lambda line: seen.append(lock.read_text()))
+    assert seen[0] == f"{os.getpid()} {socket.gethostname()}\n" and not lock.exists()
