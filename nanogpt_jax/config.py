@@ -303,4 +303,15 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
                     put(key, value, arg)
         else:
             raise ConfigError(f"{arg!r}: expected a CONFIG.py file or --key=value")
-    return cls(**values)
+    cfg = cls(**values)
+    cfg._options_set = frozenset(values)  # what the user set, in a file or on the command line (see options_set)
+    return cfg
+
+
+def options_set(cfg) -> frozenset:
+    """The options the user set: recorded by parse; for a config built in Python (or copied with
+    dataclasses.replace), those that differ from their defaults."""
+    if hasattr(cfg, "_options_set"):
+        return cfg._options_set
+    return frozenset(f.name for f in dataclasses.fields(cfg)
+                     if f.default is not dataclasses.MISSING and getattr(cfg, f.name) != f.default)

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
-from .config import ConfigError, TrainConfig, UserError
+from .config import ConfigError, TrainConfig, UserError, options_set
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
@@ -139,6 +139,15 @@ def _refuse_nonfinite(cfg, iter_num: int, loss: float, what: str) -> None:
             "--skip_nonfinite_steps=True to skip such steps")
 
 
+def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
+    """A resumed run keeps its checkpoint's architecture: an option the user set to something else is an error."""
+    for key in ("model", "n_layer", "n_head", "n_embd", "block_size", "bias"):
+        if key in options_set(cfg) and getattr(cfg, key) != getattr(saved, key):
+            raise ConfigError(f"--{key}={getattr(cfg, key)!r} but the checkpoint in {cfg.out_dir} has {key}="
+                              f"{getattr(saved, key)!r}: a resumed run keeps its architecture; drop the option, "
+                              "or train into a new --out_dir")
+
+
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     """(GPTConfig, params, base rng, iter_num, best_val_loss) for cfg.init_from; params and rng are
     None on resume (they are restored once the run's layout is known)."""
@@ -151,6 +160,7 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
         record = ckpt.record("latest")
+        _refuse_other_architecture(cfg, record.config)
         data.check_vocabulary(record.meta, meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
         return with_runtime(record.config, **runtime), None, None, record.iter_num, record.best_val_loss

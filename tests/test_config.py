@@ -215,3 +215,13 @@ def test_non_finite_or_negative_optimizer_values_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"--{key}="):
         TrainConfig(**{key: value})
     assert TrainConfig(**{key: 0.0}).__dict__[key] == 0.0  # zero is fine for all of them
+
+
+def test_parse_records_the_options_the_user_set(tmp_path):
+    from nanogpt_jax.config import options_set
+
+    path = tmp_path / "c.py"
+    path.write_text("n_layer = 12\nbatch_size = 4\n")
+    cfg = parse(TrainConfig, [str(path), "--bias=False", "--out_dir=o"])
+    assert options_set(cfg) == {"n_layer", "batch_size", "bias", "out_dir"}  # set, even to the default
+    assert options_set(TrainConfig(n_layer=2, bias=False)) == {"n_layer"}  # built in Python: non-defaults

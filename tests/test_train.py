@@ -404,3 +404,19 @@ def test_a_second_training_in_one_out_dir_is_refused_and_a_stale_lock_taken_over
     train(dataclasses.replace(cfg, init_from="resume", max_iters=3),
           log=lambda line: seen.append(lock.read_text()))
     assert seen[0] == f"{os.getpid()} {socket.gethostname()}\n" and not lock.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--n_layer=3"], "--n_layer=3 but the checkpoint in {out} has n_layer=2"),
+    (["--n_layer=12"], "--n_layer=12 but the checkpoint in {out} has n_layer=2"),  # set, though the default
+    (["--block_size=64"], "--block_size=64 but the checkpoint in {out} has block_size=32"),
+    (["--bias=True"], "--bias=True but the checkpoint in {out} has bias=False"),
+    (["--model=bigram"], "--model='bigram' but the checkpoint in {out} has model='gpt'"),
+])
+def test_resume_with_another_architecture_is_one_line(char_run, run_cli, args, fragment):
+    out, data_dir = char_run
+    from conftest import assert_one_error_line
+
+    result = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--dataset=shakespeare_char",
+                     f"--data_dir={data_dir}", "--n_head=2", "--n_embd=32", *args)
+    assert_one_error_line(*result, fragment.format(out=out), "drop the option")
