@@ -128,7 +128,8 @@ def _checked_meta(meta, path) -> dict:
     """A vocabulary is {'vocab_size': n, 'itos': [n distinct one-character strings]}."""
     ok = (isinstance(meta, dict) and type(meta.get("vocab_size")) is int and isinstance(meta.get("itos"), list)
           and 0 < meta["vocab_size"] == len(meta["itos"]) <= MAX_TOKENS
-          and all(isinstance(c, str) and len(c) == 1 for c in meta["itos"]) and len(set(meta["itos"])) == len(meta["itos"]))
+          and all(isinstance(c, str) and len(c) == 1 for c in meta["itos"])
+          and len(set(meta["itos"])) == len(meta["itos"]))
     if not ok:
         raise DataError(f"{path} is not a character vocabulary ({{'vocab_size': N, 'itos': [N distinct "
                         "characters]}): run prepare again, or delete it for GPT-2 BPE data")

@@ -420,3 +420,25 @@ def test_resume_with_another_architecture_is_one_line(char_run, run_cli, args, f
     result = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--dataset=shakespeare_char",
                      f"--data_dir={data_dir}", "--n_head=2", "--n_embd=32", *args)
     assert_one_error_line(*result, fragment.format(out=out), "drop the option")
+
+
+@pytest.mark.slow
+def test_sigint_in_process_saves_and_restores_the_handler(char_data, tmp_path):
+    """Ctrl-C (SIGINT) at iteration 2 ends the step, saves `latest` at 3 and returns stopped_by='SIGINT'; the
+    command line then exits 130. The previous handler is back afterwards."""
+    import os
+    import signal
+
+    data_dir, _ = char_data
+    before = signal.getsignal(signal.SIGINT)
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("iter 2:"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(tiny_cfg(data_dir, tmp_path, n_layer=1, max_iters=50, eval_interval=50), log=log)
+    assert result["stopped_by"] == "SIGINT" and result["iter_num"] == 3
+    assert lines[-1] == f"SIGINT: saved iteration 3 to {tmp_path}; continue with the same options and --init_from=resume"
+    assert load_run(str(tmp_path))[2].iter_num == 3 and signal.getsignal(signal.SIGINT) is before
