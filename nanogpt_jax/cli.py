@@ -1,6 +1,7 @@
 """The `nanogpt-jax` command: parse the options, call the package, print the result, word errors as one line."""
 
 import json
+import os
 import sys
 
 import jax
@@ -23,6 +24,8 @@ commands:
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
   bench [--key=value ...]                           measure training step and generate speed
   plot OUT_DIR [OUT_DIR ...] [--output=loss.png]    loss, lr and tokens/s of runs (pip install 'nanogpt-jax[plot]')
+
+--debug (or NANOGPT_JAX_DEBUG=1) shows the traceback behind an `error: ...` line.
 """
 
 
@@ -47,7 +50,8 @@ def run_prepare(argv):
 def run_train(argv):
     cfg = options(TrainConfig, argv)
     parallel.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    train.train(cfg, log=print if jax.process_index() == 0 else lambda *_: None)  # process 0 speaks for all
+    result = train.train(cfg, log=print if jax.process_index() == 0 else lambda *_: None)  # process 0 speaks
+    return 130 if result["stopped_by"] == "SIGINT" else 0  # SIGTERM (a scheduler's stop) is a clean exit
 
 
 def run_sample(argv):
@@ -74,21 +78,27 @@ COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "e
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("NANOGPT_JAX_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] != "train":  # train may join several processes first
         parallel.use_all_cpu_cores()
     try:
-        COMMANDS[argv[0]](argv[1:])
+        code = COMMANDS[argv[0]](argv[1:])
     except UserError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

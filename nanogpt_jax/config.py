@@ -8,7 +8,11 @@ against the option's type. This is the bottom layer: every other module may impo
 import ast
 import dataclasses
 import difflib
+import math
+import os
 import runpy
+import sys
+import traceback
 import types
 import typing
 
@@ -59,6 +63,9 @@ class TrainConfig:
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000
     min_lr: float = 6e-5
+    # a step whose loss or gradient norm is NaN/inf leaves params and optimizer state as they were (counted in
+    # the log); off, a NaN/inf loss stops the run, keeping the last checkpoint
+    skip_nonfinite_steps: bool = False
     # system
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto = float32 on CPU, bfloat16 elsewhere
     attn_impl: str | None = None  # None/'xla', or 'cudnn' (NVIDIA, bf16/fp16)
@@ -93,6 +100,14 @@ class TrainConfig:
             raise ConfigError(f"--model={self.model}: use gpt or bigram")
         if self.attn_impl not in (None, "xla", "cudnn"):
             raise ConfigError(f"--attn_impl={self.attn_impl}: use None (XLA's choice), xla or cudnn")
+        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{key}={value}: must be a finite number, at least 0")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:  # also refuses NaN
+                raise ConfigError(f"--{key}={value}: must be in [0, 1)")
 
 
 @dataclasses.dataclass
@@ -228,6 +243,33 @@ def _literal(text: str):
         return text  # a bare word such as --dataset=shakespeare_char is a string
 
 
+def run_config_file(path: str) -> dict:
+    """The names a CONFIG.py file assigns; any failure to run it is one `config FILE, line N: what` error."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} not found")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a folder: give a CONFIG.py file")
+    with open(path, "rb") as f:
+        source = f.read()
+    if b"\0" in source:
+        line = source[:source.index(b"\0")].count(b"\n") + 1
+        raise ConfigError(f"config {path}, line {line}: a NUL byte; is it a Python file?")
+    try:
+        return runpy.run_path(path)
+    except SyntaxError as e:  # also bad indentation and undecodable text
+        where = f", line {e.lineno}" if e.lineno else ""
+        raise ConfigError(f"config {path}{where}: {type(e).__name__}: {e.msg}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        target = os.path.abspath(path)
+        lines = [f.lineno for f in traceback.extract_tb(sys.exc_info()[2])
+                 if os.path.abspath(f.filename) == target]
+        where = f", line {lines[-1]}" if lines else ""
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ConfigError(f"config {path}{where}: {what}") from None
+
+
 def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str | None = None):
     """Build `cls` from CONFIG.py files and --key=value / --key value overrides, in order.
 
@@ -255,13 +297,21 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
                 text = args.pop(0)
             put(key, _literal(text), "command line")
         elif arg.endswith(".py"):
-            try:
-                scope = runpy.run_path(arg)
-            except FileNotFoundError:
-                raise ConfigError(f"config file {arg} not found") from None
+            scope = run_config_file(arg)
             for key, value in scope.items():
                 if not key.startswith("_") and not isinstance(value, types.ModuleType):
                     put(key, value, arg)
         else:
             raise ConfigError(f"{arg!r}: expected a CONFIG.py file or --key=value")
-    return cls(**values)
+    cfg = cls(**values)
+    cfg._options_set = frozenset(values)  # what the user set, in a file or on the command line (see options_set)
+    return cfg
+
+
+def options_set(cfg) -> frozenset:
+    """The options the user set: recorded by parse; for a config built in Python (or copied with
+    dataclasses.replace), those that differ from their defaults."""
+    if hasattr(cfg, "_options_set"):
+        return cfg._options_set
+    return frozenset(f.name for f in dataclasses.fields(cfg)
+                     if f.default is not dataclasses.MISSING and getattr(cfg, f.name) != f.default)

@@ -7,6 +7,8 @@ Batches are random windows read from a memmap; which windows is a pure function 
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ from .assets import gpt2_encoding, shakespeare_text
 from .config import UserError
 
 DATASETS = ("shakespeare_char", "shakespeare")
+
+
+MAX_TOKENS = 65_536  # ids 0..65535: what uint16 train.bin / val.bin hold
 
 
 class DataError(UserError):
@@ -27,10 +32,19 @@ def read_input(path: str | None, cache_path: Path) -> str:
     if path is not None:
         if not os.path.isfile(path):
             raise DataError(f"--input {path}: no such file")
-        return Path(path).read_text(encoding="utf-8")
+        return _read_utf8(Path(path))
     if cache_path.is_file():
-        return cache_path.read_text(encoding="utf-8")
+        return _read_utf8(cache_path)
     return shakespeare_text()
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: byte {e.start:,} is {raw[e.start:e.start + 1]!r}; "
+                        "convert it to UTF-8 first") from None
 
 
 def write_split(ids, path: Path) -> int:
@@ -40,39 +54,86 @@ def write_split(ids, path: Path) -> int:
 
 
 def prepare(dataset: str, data_dir: str = "data", input_path: str | None = None) -> dict:
-    """Tokenize Tiny Shakespeare into data_dir/<dataset>/{train,val}.bin (+ meta.json); returns the counts."""
+    """Tokenize Tiny Shakespeare into data_dir/<dataset>/{train,val}.bin (+ meta.json); returns the counts.
+    The files are written to a temporary folder and moved in at the end: a failure leaves the folder as it was."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: prepare knows {', '.join(DATASETS)}")
     out = Path(data_dir) / dataset
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file: prepare writes a folder there; move it or use another --data_dir")
+    source = input_path or (out / "input.txt" if (out / "input.txt").is_file() else "the shipped Tiny Shakespeare")
     text = read_input(input_path, out / "input.txt")
+    if len(text) < 2:
+        raise DataError(f"{source} holds {len(text)} characters: prepare needs a text to split into train and val")
     n = len(text)
     train_text, val_text = text[: int(n * 0.9)], text[int(n * 0.9):]
+    files = {}
     if dataset == "shakespeare_char":
         chars = sorted(set(text))
+        if len(chars) > MAX_TOKENS:
+            raise DataError(f"{source} has {len(chars):,} distinct characters; train.bin stores uint16 ids, "
+                            f"at most {MAX_TOKENS:,}: use the GPT-2 BPE dataset (prepare shakespeare)")
         stoi = {ch: i for i, ch in enumerate(chars)}
         info = {"vocab_size": len(chars)}
-        (out / "meta.json").write_text(json.dumps({"vocab_size": len(chars), "itos": chars}), encoding="utf-8")
+        files["meta.json"] = json.dumps({"vocab_size": len(chars), "itos": chars})
         encode = lambda s: [stoi[ch] for ch in s]  # noqa: E731
     else:
         enc = gpt2_encoding()
         info = {"vocab_size": enc.n_vocab}
         encode = enc.encode_ordinary
-    info["train_tokens"] = write_split(encode(train_text), out / "train.bin")
-    info["val_tokens"] = write_split(encode(val_text), out / "val.bin")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dataset}.", dir=out.parent))
+    try:
+        for name, content in files.items():
+            (tmp / name).write_text(content, encoding="utf-8")
+        for split, part in (("train", train_text), ("val", val_text)):
+            ids = encode(part)
+            if len(ids) < 2:
+                raise DataError(f"{source} is too short: its {split} split would hold {len(ids)} tokens")
+            info[f"{split}_tokens"] = write_split(ids, tmp / f"{split}.bin")
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     info["dir"] = str(out)
     return info
 
 
 def load_meta(dataset_dir: Path) -> dict | None:
     """The character vocabulary, from meta.json or from a nanoGPT-prepared meta.pkl; None for GPT-2 BPE."""
-    if (dataset_dir / "meta.json").is_file():
-        return json.loads((dataset_dir / "meta.json").read_text(encoding="utf-8"))
-    if (dataset_dir / "meta.pkl").is_file():
-        with open(dataset_dir / "meta.pkl", "rb") as f:
-            meta = _PlainUnpickler(f).load()
-        return {"vocab_size": meta["vocab_size"], "itos": [meta["itos"][i] for i in range(meta["vocab_size"])]}
+    path = dataset_dir / "meta.json"
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path} is not valid JSON ({e}): run prepare again, or delete it for GPT-2 BPE "
+                            "data") from None
+        return _checked_meta(meta, path)
+    path = dataset_dir / "meta.pkl"
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                meta = _PlainUnpickler(f).load()
+            meta = {"vocab_size": meta["vocab_size"], "itos": [meta["itos"][i] for i in range(meta["vocab_size"])]}
+        except DataError:
+            raise
+        except Exception as e:  # a truncated or foreign pickle: any of pickle's many errors
+            raise DataError(f"{path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e}): prepare the data "
+                            "again") from None
+        return _checked_meta(meta, path)
     return None
+
+
+def _checked_meta(meta, path) -> dict:
+    """A vocabulary is {'vocab_size': n, 'itos': [n distinct one-character strings]}."""
+    ok = (isinstance(meta, dict) and type(meta.get("vocab_size")) is int and isinstance(meta.get("itos"), list)
+          and 0 < meta["vocab_size"] == len(meta["itos"]) <= MAX_TOKENS
+          and all(isinstance(c, str) and len(c) == 1 for c in meta["itos"])
+          and len(set(meta["itos"])) == len(meta["itos"]))
+    if not ok:
+        raise DataError(f"{path} is not a character vocabulary ({{'vocab_size': N, 'itos': [N distinct "
+                        "characters]}): run prepare again, or delete it for GPT-2 BPE data")
+    return meta
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -123,7 +184,25 @@ def open_split(dataset_dir: Path, split: str) -> np.memmap:
     if not path.is_file():
         raise DataError(f"{path} not found: run `nanogpt-jax prepare {dataset_dir.name}` "
                         "(or point --data_dir at the folder holding it)")
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise DataError(f"{path} holds {size:,} bytes: token files are uint16 ids (2 bytes each, at least one); "
+                        f"it is {'empty' if size == 0 else 'cut short'}: run `nanogpt-jax prepare` again")
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def check_splits(dataset_dir: Path, splits: dict, block_size: int, vocab_size: int) -> None:
+    """Every split holds a window of block_size + 1 tokens and only ids below vocab_size (an id past the
+    embedding table reads garbage instead of failing). Reads the files once, in chunks."""
+    for split, arr in splits.items():
+        path = dataset_dir / f"{split}.bin"
+        if len(arr) <= block_size:
+            raise DataError(f"{path} holds {len(arr):,} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                            "use a smaller --block_size or more data")
+        top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
+        if top >= vocab_size:
+            raise DataError(f"{path} holds token id {top:,} and the model has {vocab_size:,} ids: use a dataset "
+                            "tokenized for this model")
 
 
 def open_dataset(dataset_dir: Path) -> tuple[dict, dict | None]:

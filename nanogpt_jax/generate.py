@@ -10,6 +10,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .model import GPTConfig, init_cache, make_model
 
@@ -31,13 +32,43 @@ def sample_logits(logits_BV, key, temperature, top_k: int | None = None, top_p: 
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p", "vocab_size"))
 def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, temperature=1.0,
              top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None):
     """Continue int32 prompts (B, T0) by max_new_tokens tokens; returns (B, T0 + max_new_tokens).
 
     `vocab_size` limits sampling to the tokenizer's ids when the model's vocabulary is padded
-    (nanoGPT trains GPT-2 BPE models with 50304 outputs for 50257 tokens)."""
+    (nanoGPT trains GPT-2 BPE models with 50304 outputs for 50257 tokens). Bad arguments raise ValueError
+    before anything is compiled: a jitted call would clamp out-of-range ids silently."""
+    check_arguments(config, prompt, max_new_tokens, top_k, top_p, vocab_size)
+    return _generate(config, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
+                     top_p=top_p, vocab_size=vocab_size)
+
+
+def check_arguments(config: GPTConfig, prompt, max_new_tokens, top_k, top_p, vocab_size) -> None:
+    shape, dtype = np.shape(prompt), getattr(prompt, "dtype", None) or np.asarray(prompt).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"generate: the prompt holds token ids and must be integers, not {dtype}")
+    if len(shape) != 2:
+        raise ValueError(f"generate: the prompt must be 2-D (batch, tokens), not of shape {tuple(shape)}")
+    if 0 in shape:
+        raise ValueError(f"generate: the prompt of shape {tuple(shape)} is empty; give at least one token per row")
+    limit = vocab_size or config.vocab_size
+    if not isinstance(prompt, jax.core.Tracer):  # inside the caller's own jit only the shape is known
+        low, high = int(jnp.min(prompt)), int(jnp.max(prompt))
+        if low < 0 or high >= limit:
+            raise ValueError(f"generate: the prompt holds token id {low if low < 0 else high}; ids must be in "
+                             f"[0, {limit})")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an int, at least 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k={top_k} must be at least 1 (None keeps every token)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p={top_p} must be in (0, 1] (None keeps every token)")
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "top_p", "vocab_size"))
+def _generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, temperature=1.0,
+              top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None):
     model = make_model(config)
     B, T0 = prompt.shape
     S, total = config.block_size, T0 + max_new_tokens
@@ -77,3 +108,6 @@ def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, tem
     if T0 + n_cached < total:
         tokens, _ = jax.lax.scan(cropped_step, tokens, jnp.arange(T0 + n_cached, total))
     return tokens
+
+
+generate._cache_size = _generate._cache_size  # compilations so far, as on a jitted function

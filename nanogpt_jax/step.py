@@ -38,13 +38,21 @@ def accumulate_grads(params, batch, key, *, model):
     return jnp.mean(losses), jax.tree.map(lambda g: g / A, grads)
 
 
-def train_step(state: TrainState, batch, key, *, model, tx, grads_fn=None):
+def train_step(state: TrainState, batch, key, *, model, tx, grads_fn=None, skip_nonfinite: bool = False):
     """One optimizer update from a batch (x, y) of shape (A, B, T). `grads_fn(params, batch, key)` computes
-    (loss, grads); parallel.py wraps accumulate_grads so that each device works on its own rows."""
+    (loss, grads); parallel.py wraps accumulate_grads so that each device works on its own rows.
+
+    Returns (state, loss); with skip_nonfinite, (state, (loss, skipped)): a step whose loss or gradient norm
+    is NaN or inf keeps the old state (params and optimizer state) and `skipped` is 1, else 0 (int32)."""
     grads_fn = grads_fn or (lambda params, batch, key: accumulate_grads(params, batch, key, model=model))
     loss, grads = grads_fn(state.params, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+    new_state = TrainState(optax.apply_updates(state.params, updates), opt_state)
+    if not skip_nonfinite:
+        return new_state, loss
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    return new_state, (loss, jnp.where(ok, 0, 1).astype(jnp.int32))
 
 
 def eval_step(params, batch, *, model):

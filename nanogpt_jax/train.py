@@ -2,6 +2,10 @@
 
 import dataclasses
 import math
+import os
+import signal
+import socket
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -11,7 +15,7 @@ import numpy as np
 
 from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, UserError, options_set
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
@@ -39,12 +43,14 @@ class Run:
         grads = partial(accumulate_grads, model=self.model)
         rep = parallel.replicated(mesh)
         if self.layout.pmap:
-            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(grads)),
+            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(grads),
+                                    skip_nonfinite=cfg.skip_nonfinite_steps),
                             axis_name="devices", in_axes=(0, 0, None), donate_argnums=0)
             self.step = lambda state, batch, key: _first_loss(step(state, batch, key))
         else:
             grads_fn = parallel.per_device_grads(grads, mesh, parallel.state_specs(shapes, self.layout.fsdp))
-            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn),
+            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn,
+                                        skip_nonfinite=cfg.skip_nonfinite_steps),
                                 donate_argnums=0, in_shardings=(self.shardings, parallel.batch_sharding(mesh, 1), rep),
                                 out_shardings=(self.shardings, rep))
         # Evaluation batches split over the devices when batch_size allows it, else every device sees them all.
@@ -116,9 +122,30 @@ class Run:
 
 
 def _first_loss(out):
-    """pmap returns one loss per device, all equal after the pmean."""
+    """pmap returns one loss (and skipped flag) per device, all equal after the pmean."""
     state, loss = out
-    return state, loss[0]
+    return state, jax.tree.map(lambda x: x[0], loss)
+
+
+class NonFiniteLossError(UserError):
+    """The loss went NaN or inf: the run stops before anything is saved after it."""
+
+
+def _refuse_nonfinite(cfg, iter_num: int, loss: float, what: str) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"iteration {iter_num}: the {what} is {loss}; stopped, and the last good checkpoint in {cfg.out_dir} "
+            "is kept (nothing was saved after it). Lower --learning_rate, clip gradients (--grad_clip=1.0), or pass "
+            "--skip_nonfinite_steps=True to skip such steps")
+
+
+def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
+    """A resumed run keeps its checkpoint's architecture: an option the user set to something else is an error."""
+    for key in ("model", "n_layer", "n_head", "n_embd", "block_size", "bias"):
+        if key in options_set(cfg) and getattr(cfg, key) != getattr(saved, key):
+            raise ConfigError(f"--{key}={getattr(cfg, key)!r} but the checkpoint in {cfg.out_dir} has {key}="
+                              f"{getattr(saved, key)!r}: a resumed run keeps its architecture; drop the option, "
+                              "or train into a new --out_dir")
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
@@ -133,6 +160,7 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
         record = ckpt.record("latest")
+        _refuse_other_architecture(cfg, record.config)
         data.check_vocabulary(record.meta, meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
         return with_runtime(record.config, **runtime), None, None, record.iter_num, record.best_val_loss
@@ -145,25 +173,102 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
 
 
+class StopRequest:
+    """SIGTERM / SIGINT while training: the loop finishes its step, saves `latest` and returns. A second
+    SIGINT interrupts at once (KeyboardInterrupt). Only in the main thread of a single-process run: the
+    processes of a multi-process run would disagree on the step they stop at."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class RunLockedError(UserError):
+    """Another training writes to this out_dir."""
+
+
+class RunLock:
+    """out_dir/.lock holding 'PID HOST' while a training runs there; a lock whose process is gone (same host)
+    is stale and taken over."""
+
+    def __init__(self, out_dir: Path):
+        self.path, self.mine = out_dir / ".lock", f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if self._held():
+                    raise
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine + "\n")
+            return
+        raise RunLockedError(f"could not lock {self.path}: another training is starting there")
+
+    def _held(self) -> bool:
+        try:
+            pid, _, host = self.path.read_text().strip().partition(" ")
+            pid = int(pid)
+        except (OSError, ValueError):
+            return False  # unreadable or half-written: treated as stale
+        if host and host != socket.gethostname():
+            raise RunLockedError(f"{self.path.parent} is in use by training process {pid} on {host}: use another "
+                                 f"--out_dir, or delete {self.path} if that run is over")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, someone else's
+        raise RunLockedError(f"{self.path.parent} is in use by training process {pid}: wait for it, stop it, "
+                             f"or use another --out_dir")
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text().strip() == self.mine:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses'}."""
+    """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
+    (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
     out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir={cfg.out_dir} is a file: give a folder (new or a run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(cfg.out_dir)
+    lock = RunLock(out_dir) if jax.process_index() == 0 else None
     try:
-        return _train(cfg, ckpt, out_dir, log)
+        ckpt = Checkpointer(cfg.out_dir)
+        stop = StopRequest()
+        try:
+            return _train(cfg, ckpt, out_dir, log, stop)
+        finally:
+            stop.restore()
+            ckpt.close()
     finally:
-        ckpt.close()
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg, ckpt, out_dir, log):
+def _train(cfg, ckpt, out_dir, log, stop):
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
-    # An id past the embedding table would read NaNs, not fail: check the (small) val split up front.
-    top = int(run.splits["val"].max())
-    if top >= config.vocab_size:
-        raise data.DataError(f"{cfg.data_dir}/{cfg.dataset} holds token id {top:,} and the model has "
-                             f"{config.vocab_size:,} ids: use a dataset tokenized for this model")
+    data.check_splits(Path(cfg.data_dir) / cfg.dataset, run.splits, config.block_size, config.vocab_size)
     if params is None:
         state, rng = run.restore_state(ckpt)
     else:
@@ -180,13 +285,14 @@ def _train(cfg, ckpt, out_dir, log):
     with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
                     enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:
         last = {}
-        t0, timed, in_flight = time.perf_counter(), 0, None
+        t0, timed, in_flight, n_skipped = time.perf_counter(), 0, None, None
         while True:
             if iter_num % cfg.eval_interval == 0:
                 saved = run.saved_state(state)
                 losses = run.estimate_loss(saved.params, iter_num)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 metrics.log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                _refuse_nonfinite(cfg, iter_num, losses["val"] + losses["train"], "evaluation loss")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
@@ -200,6 +306,9 @@ def _train(cfg, ckpt, out_dir, log):
             if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
                 break
             state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
+            if cfg.skip_nonfinite_steps:  # the count stays on the device until a log line reads it
+                loss, skipped = loss
+                n_skipped = skipped if n_skipped is None else n_skipped + skipped
             # At most two steps in flight: the next batch is still read while a step runs, but the device
             # queue never grows with log_interval (deep queues of collectives starve host-CPU devices).
             jax.block_until_ready(in_flight)
@@ -212,9 +321,19 @@ def _train(cfg, ckpt, out_dir, log):
                 t0, timed = t1, 0
                 lr = float(get_lr(iter_num, cfg))
                 util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
+                skips = {} if n_skipped is None else {"skipped_steps": int(n_skipped)}
                 log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}")
+                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}"
+                    + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else ""))
                 metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
-                       tokens_per_sec=tokens_per_iter / dt, mfu=util)
+                       tokens_per_sec=tokens_per_iter / dt, mfu=util, **skips)
+                if not cfg.skip_nonfinite_steps:
+                    _refuse_nonfinite(cfg, iter_num, loss, "loss")
             iter_num += 1
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last}
+            if stop.signal is not None:  # the step is done: save it as an evaluation would, and stop
+                saved = run.saved_state(state)
+                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, run.record(iter_num, best_val_loss))
+                log(f"{stop.signal}: saved iteration {iter_num} to {out_dir}; continue with the same options "
+                    f"and --init_from=resume")
+                break
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last, "stopped_by": stop.signal}

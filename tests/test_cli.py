@@ -182,3 +182,18 @@ def test_every_command_notes_ignored_nanogpt_flags(args, tmp_path, monkeypatch, 
                      "force the CPU",
                      "--backend has no effect in nanogpt-jax: JAX picks the collective backend"]
     assert_one_error_line(code, out, error)
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, run_cli, monkeypatch):
+    """Without --debug a bad config file is one line; with --debug or NANOGPT_JAX_DEBUG=1 it is raised."""
+    from nanogpt_jax.config import ConfigError
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layer = 1 / 0\n")
+    monkeypatch.delenv("NANOGPT_JAX_DEBUG", raising=False)
+    assert_one_error_line(*run_cli("train", str(bad)), f"config {bad}, line 1: ZeroDivisionError")
+    with pytest.raises(ConfigError, match="ZeroDivisionError"):
+        run_cli("train", str(bad), "--debug")
+    monkeypatch.setenv("NANOGPT_JAX_DEBUG", "1")
+    with pytest.raises(ConfigError, match="ZeroDivisionError"):
+        run_cli("train", str(bad))

@@ -1,6 +1,7 @@
 """Options with nanoGPT's names: config files, --key=value overrides, and the errors for bad ones."""
 
 import dataclasses
+import math
 import typing
 
 import pytest
@@ -181,3 +182,46 @@ def test_every_loading_command_shares_the_load_options():
         assert parse(cls, ["--checkpoint=best", "--out_dir=o"]).checkpoint == "best"
         with pytest.raises(ConfigError, match="--checkpoint=newest: use latest or best"):
             parse(cls, ["--checkpoint=newest"])
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("x = 1\ny = 1 / 0\n", "line 2: ZeroDivisionError: division by zero"),
+    ("batch_size = 4\nbatch_size =\n", "line 2: SyntaxError"),
+    ("import no_such_module_here\n", "line 1: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("def f():\n    raise RuntimeError('deep')\n\nn_layer = 2\nf()\n", "line 2: RuntimeError: deep"),
+    ("x = 1\n\0\n", "line 2: a NUL byte"),
+])
+def test_broken_config_file_is_one_line_naming_file_and_line(tmp_path, text, fragment):
+    path = tmp_path / "broken.py"
+    path.write_bytes(text.encode())
+    with pytest.raises(ConfigError) as e:
+        parse(TrainConfig, [str(path)])
+    assert str(e.value).startswith(f"config {path}, {fragment}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_config_folder_is_refused(tmp_path):
+    folder = tmp_path / "cfg.py"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        parse(TrainConfig, [str(folder)])
+
+
+@pytest.mark.parametrize("key,value", [("learning_rate", math.nan), ("learning_rate", math.inf),
+                                       ("learning_rate", -1e-3), ("min_lr", math.nan), ("weight_decay", -0.1),
+                                       ("grad_clip", math.inf), ("beta1", 1.0), ("beta2", math.nan),
+                                       ("beta1", -0.1)])
+def test_non_finite_or_negative_optimizer_values_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"--{key}="):
+        TrainConfig(**{key: value})
+    assert TrainConfig(**{key: 0.0}).__dict__[key] == 0.0  # zero is fine for all of them
+
+
+def test_parse_records_the_options_the_user_set(tmp_path):
+    from nanogpt_jax.config import options_set
+
+    path = tmp_path / "c.py"
+    path.write_text("n_layer = 12\nbatch_size = 4\n")
+    cfg = parse(TrainConfig, [str(path), "--bias=False", "--out_dir=o"])
+    assert options_set(cfg) == {"n_layer", "batch_size", "bias", "out_dir"}  # set, even to the default
+    assert options_set(TrainConfig(n_layer=2, bias=False)) == {"n_layer"}  # built in Python: non-defaults

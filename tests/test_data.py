@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,73 @@ def test_get_batch_from_memmap_and_too_short(char_data):
     np.testing.assert_array_equal(y, np.stack([ref[i + 1:i + 65] for i in ix]))
     with pytest.raises(DataError, match="block_size"):
         get_batch(np.zeros(8, np.uint16), 8, (2,), (0,))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad inputs: one line naming the file
+
+
+@pytest.mark.parametrize("raw,fragment", [(b"", "holds 0 bytes"), (b"\x01\x00\x02", "holds 3 bytes")])
+def test_empty_or_odd_token_file_is_refused(tmp_path, raw, fragment):
+    (tmp_path / "train.bin").write_bytes(raw)
+    with pytest.raises(DataError, match=fragment) as e:
+        open_split(tmp_path, "train")
+    assert str(tmp_path / "train.bin") in str(e.value) and "prepare" in str(e.value)
+
+
+def test_short_split_and_ids_past_the_vocabulary_name_the_file(tmp_path):
+    from nanogpt_jax.data import check_splits
+
+    splits = {"train": np.array([1, 2, 70, 3] * 10, np.uint16), "val": np.array([1, 2, 3] * 10, np.uint16)}
+    with pytest.raises(DataError, match=f"{tmp_path / 'train.bin'} holds token id 70 and the model has 65 ids"):
+        check_splits(tmp_path, splits, 8, 65)
+    check_splits(tmp_path, splits, 8, 71)  # ids below the vocabulary are fine
+    with pytest.raises(DataError, match=f"{tmp_path / 'val.bin'} holds 30 tokens, fewer than block_size"):
+        check_splits(tmp_path, splits, 30, 71)
+
+
+@pytest.mark.parametrize("text", ["{not json", '["a", "b"]', '{"vocab_size": 3, "itos": ["a", "b"]}',
+                                  '{"vocab_size": 2, "itos": ["a", "bc"]}', '{"vocab_size": "2", "itos": ["a", "b"]}'])
+def test_corrupt_meta_json_is_one_line(tmp_path, text):
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(DataError, match="meta.json is not") as e:
+        load_meta(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content,fragment", [(b"", "holds 0 characters"), (b"a", "holds 1 characters"),
+                                              (b"ok text\n\xff\xfe more", "not UTF-8 text: byte 8 is b'\\xff'")])
+def test_prepare_refuses_empty_short_and_non_utf8_input(tmp_path, content, fragment):
+    path = tmp_path / "input.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=fragment.replace("\\", "\\\\")) as e:
+        prepare("shakespeare_char", data_dir=str(tmp_path / "data"), input_path=str(path))
+    assert str(path) in str(e.value)
+
+
+def test_prepare_refuses_more_characters_than_uint16_ids(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("".join(chr(c) for c in range(0x10000, 0x10000 + 65_537)) * 2, encoding="utf-8")
+    with pytest.raises(DataError, match="65,537 distinct characters"):
+        prepare("shakespeare_char", data_dir=str(tmp_path / "data"), input_path=str(path))
+
+
+def test_a_failing_prepare_leaves_a_prepared_folder_untouched(tmp_path, monkeypatch):
+    path = tmp_path / "input.txt"
+    path.write_text("hello world, a small text\n" * 20)
+    info = prepare("shakespeare_char", data_dir=str(tmp_path), input_path=str(path))
+    folder = Path(info["dir"])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    path.write_text("another text entirely, other characters: xyz\n" * 20)
+
+    def fail(ids, where):
+        if where.name == "val.bin":
+            raise OSError("disk full")
+        return data_write_split(ids, where)
+
+    data_write_split = data.write_split
+    monkeypatch.setattr(data, "write_split", fail)
+    with pytest.raises(OSError, match="disk full"):
+        prepare("shakespeare_char", data_dir=str(tmp_path), input_path=str(path))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt", "shakespeare_char"]  # no temporary left

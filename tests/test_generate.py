@@ -118,3 +118,23 @@ def test_vocab_size_keeps_padded_ids_out():
     assert np.asarray(free[:, 2:]).min() >= 8
     limited = generate(config, params, prompt, 10, key=jax.random.PRNGKey(0), temperature=1.0, vocab_size=8)
     assert np.asarray(limited).max() < 8
+
+
+@pytest.mark.parametrize("prompt,kwargs,fragment", [
+    (np.zeros((1, 3), np.float32), {}, "must be integers, not float32"),
+    (np.zeros(3, np.int32), {}, "must be 2-D (batch, tokens), not of shape (3,)"),
+    (np.zeros((1, 0), np.int32), {}, "is empty"),
+    (np.array([[1, 23]], np.int32), {}, "token id 23; ids must be in [0, 23)"),
+    (np.array([[-1, 2]], np.int32), {}, "token id -1"),
+    (np.array([[1, 9]], np.int32), {"vocab_size": 8}, "token id 9; ids must be in [0, 8)"),
+    (np.zeros((1, 2), np.int32), {"max_new_tokens": -1}, "max_new_tokens=-1"),
+    (np.zeros((1, 2), np.int32), {"top_k": 0}, "top_k=0 must be at least 1"),
+    (np.zeros((1, 2), np.int32), {"top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
+    (np.zeros((1, 2), np.int32), {"top_p": 1.5}, "top_p=1.5"),
+])
+def test_bad_arguments_are_refused_before_compiling(params, prompt, kwargs, fragment):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    before = generate._cache_size()
+    with pytest.raises(ValueError) as e:
+        generate(CONFIG, params, prompt, key=jax.random.PRNGKey(0), **kwargs)
+    assert fragment in str(e.value) and generate._cache_size() == before

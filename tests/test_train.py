@@ -254,3 +254,191 @@ def test_bad_system_options_are_user_errors(char_data, tmp_path, kw, message):
     data_dir, _ = char_data
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         train(tiny_cfg(data_dir, tmp_path, **kw), log=quiet)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stopping: SIGTERM saves and a resume continues bit for bit
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_bit_for_bit(char_data, tmp_path):
+    """A CLI run stopped by SIGTERM after iteration 3 saves `latest` at its next iteration k, prints how to
+    resume and exits 0; resuming to k + 4 logs the losses, evaluations and params of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data_dir, _ = char_data
+    out = tmp_path / "stopped"
+    cfg = tiny_cfg(data_dir, out, n_layer=1, eval_interval=5, max_iters=100_000, lr_decay_iters=50,
+                   dropout=0.1)
+    args = [f"--{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_jax.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and any(m.get("iter", -1) >= 3 for m in read_metrics_tolerant(metrics)):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    last = stdout.splitlines()[-1]
+    assert last.startswith("SIGTERM: saved iteration ") and "--init_from=resume" in last, stdout
+    k = int(last.split()[3])
+    assert k >= 4 and load_run(str(out))[2].iter_num == k
+    # resume in this process (one CPU device, as the subprocess) and run the same iterations uninterrupted
+    train(dataclasses.replace(cfg, init_from="resume", max_iters=k + 4), log=quiet)
+    whole = dataclasses.replace(cfg, out_dir=str(tmp_path / "whole"), max_iters=k + 4)
+    train(whole, log=quiet)
+    a, b = read_metrics(whole.out_dir), read_metrics(out)
+    assert [m["iter"] for m in b] == [m["iter"] for m in a]  # the same records, none twice
+    for ma, mb in zip(a, b):
+        assert {key: ma.get(key) for key in ("loss", "lr", "train_loss", "val_loss")} == \
+               {key: mb.get(key) for key in ("loss", "lr", "train_loss", "val_loss")}, (ma, mb)
+    assert_trees_equal(load_checkpoint(str(out))[1], load_checkpoint(whole.out_dir)[1])
+
+
+def read_metrics_tolerant(path):
+    """metrics.jsonl while it is written: complete lines only."""
+    import json
+
+    *lines, _ = path.read_text().split("\n")
+    return [json.loads(line) for line in lines]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# non-finite losses
+
+
+def _poison_some_batches(monkeypatch):
+    """Training steps whose batch's token sum is a multiple of 3 (about a third, fixed per iteration) get a NaN
+    loss and NaN gradients; evaluation is left alone."""
+    import jax.numpy as jnp
+
+    from nanogpt_jax import train as train_module
+
+    original = train_module.accumulate_grads
+
+    def accumulate_grads(params, batch, key, *, model):
+        loss, grads = original(params, batch, key, model=model)
+        poison = jnp.where(jnp.sum(batch[0]) % 3 == 0, jnp.nan, 0.0)
+        return loss + poison, jax.tree.map(lambda g: g + poison, grads)
+
+    monkeypatch.setattr(train_module, "accumulate_grads", accumulate_grads)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch):
+    from nanogpt_jax.train import NonFiniteLossError
+
+    data_dir, _ = char_data
+    _poison_some_batches(monkeypatch)
+    cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, eval_interval=1, max_iters=20)
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg, log=quiet)
+    bad = [m["iter"] for m in read_metrics(tmp_path) if "loss" in m and not math.isfinite(m["loss"])]
+    assert len(bad) == 1 and f"iteration {bad[0]}: the loss is nan" in str(e.value)
+    assert "last good checkpoint" in str(e.value) and "\n" not in str(e.value)
+    # evaluated and saved every iteration up to the bad one, and nothing after it
+    assert load_run(str(tmp_path))[2].iter_num == bad[0]  # the state before the bad step
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(load_checkpoint(str(tmp_path))[1]))
+
+
+@pytest.mark.slow
+def test_skip_nonfinite_steps_keeps_the_state_and_counts(char_data, tmp_path, monkeypatch):
+    data_dir, _ = char_data
+    _poison_some_batches(monkeypatch)
+    cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, eval_interval=20, max_iters=20, skip_nonfinite_steps=True)
+    lines = []
+    train(cfg, log=lines.append)
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    n_bad = sum(not math.isfinite(m["loss"]) for m in steps)
+    assert 0 < n_bad < 20 and steps[-1]["skipped_steps"] == n_bad
+    assert [m["skipped_steps"] for m in steps] == list(np.cumsum([not math.isfinite(m["loss"]) for m in steps]))
+    assert [line for line in lines if line.startswith("iter 19:")][0].endswith(f", skipped {n_bad} non-finite steps")
+    params = load_checkpoint(str(tmp_path))[1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path):
+    data_dir, _ = char_data
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"--out_dir={tmp_path / 'out'} is a file"):
+        train(tiny_cfg(data_dir, tmp_path / "out"), log=quiet)
+
+
+@pytest.mark.slow
+def test_a_second_training_in_one_out_dir_is_refused_and_a_stale_lock_taken_over(char_data, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from nanogpt_jax.train import RunLockedError
+
+    data_dir, _ = char_data
+    cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, max_iters=2, eval_interval=2)
+    lock = tmp_path / ".lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{other.pid} {socket.gethostname()}\n")
+        with pytest.raises(RunLockedError, match=f"in use by training process {other.pid}"):
+            train(cfg, log=quiet)
+        assert lock.read_text() == f"{other.pid} {socket.gethostname()}\n"  # the holder's lock stays
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its lock is stale, taken over and removed at the end
+    assert train(cfg, log=quiet)["iter_num"] == 2 and not lock.exists()
+    seen = []
+    train(dataclasses.replace(cfg, init_from="resume", max_iters=3),
+          log=lambda line: seen.append(lock.read_text()))
+    assert seen[0] == f"{os.getpid()} {socket.gethostname()}\n" and not lock.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--n_layer=3"], "--n_layer=3 but the checkpoint in {out} has n_layer=2"),
+    (["--n_layer=12"], "--n_layer=12 but the checkpoint in {out} has n_layer=2"),  # set, though the default
+    (["--block_size=64"], "--block_size=64 but the checkpoint in {out} has block_size=32"),
+    (["--bias=True"], "--bias=True but the checkpoint in {out} has bias=False"),
+    (["--model=bigram"], "--model='bigram' but the checkpoint in {out} has model='gpt'"),
+])
+def test_resume_with_another_architecture_is_one_line(char_run, run_cli, args, fragment):
+    out, data_dir = char_run
+    from conftest import assert_one_error_line
+
+    result = run_cli("train", "--init_from=resume", f"--out_dir={out}", "--dataset=shakespeare_char",
+                     f"--data_dir={data_dir}", "--n_head=2", "--n_embd=32", *args)
+    assert_one_error_line(*result, fragment.format(out=out), "drop the option")
+
+
+@pytest.mark.slow
+def test_sigint_in_process_saves_and_restores_the_handler(char_data, tmp_path):
+    """Ctrl-C (SIGINT) at iteration 2 ends the step, saves `latest` at 3 and returns stopped_by='SIGINT'; the
+    command line then exits 130. The previous handler is back afterwards."""
+    import os
+    import signal
+
+    data_dir, _ = char_data
+    before = signal.getsignal(signal.SIGINT)
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("iter 2:"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(tiny_cfg(data_dir, tmp_path, n_layer=1, max_iters=50, eval_interval=50), log=log)
+    assert result["stopped_by"] == "SIGINT" and result["iter_num"] == 3
+    assert lines[-1] == f"SIGINT: saved iteration 3 to {tmp_path}; continue with the same options and --init_from=resume"
+    assert load_run(str(tmp_path))[2].iter_num == 3 and signal.getsignal(signal.SIGINT) is before
