@@ -27,8 +27,12 @@ def sample(cfg: SampleConfig) -> list[str]:
     ids = tokenizer.encode(read_start(cfg.start))
     if not ids:
         raise UserError("--start is empty: give at least one character or token to start from")
+    vocab = min(tokenizer.vocab_size, config.vocab_size)
+    if max(ids) >= vocab:  # such an id reads past the embedding table: NaN logits, not text
+        raise UserError(f"--start encodes to token id {max(ids):,} and the model knows {vocab:,} ids: it was not "
+                        "trained with this tokenizer; start with text made of its tokens")
     prompt = np.tile(np.asarray(ids, np.int32), (cfg.num_samples, 1))
     out = generate(config, params, prompt, cfg.max_new_tokens, key=jax.random.PRNGKey(cfg.seed),
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   vocab_size=min(tokenizer.vocab_size, config.vocab_size))
+                   vocab_size=vocab)
     return [tokenizer.decode(row.tolist()) for row in np.asarray(out)]

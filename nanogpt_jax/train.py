@@ -287,7 +287,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
         last = {}
         t0, timed, in_flight, n_skipped = time.perf_counter(), 0, None, None
         while True:
-            if iter_num % cfg.eval_interval == 0:
+            if iter_num % cfg.eval_interval == 0 or cfg.eval_only:
                 saved = run.saved_state(state)
                 losses = run.estimate_loss(saved.params, iter_num)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -303,7 +303,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
                     log(f"saving checkpoint to {out_dir}")
                 last = losses
                 t0, timed = time.perf_counter(), 0  # evaluation time is not step time
-            if (iter_num == 0 and cfg.eval_only) or iter_num >= cfg.max_iters:
+            if cfg.eval_only or iter_num >= cfg.max_iters:  # eval_only: evaluate where the run stands, then stop
                 break
             state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
             if cfg.skip_nonfinite_steps:  # the count stays on the device until a log line reads it
@@ -326,7 +326,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
                     f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}"
                     + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else ""))
                 metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
-                       tokens_per_sec=tokens_per_iter / dt, mfu=util, **skips)
+                            tokens_per_sec=tokens_per_iter / dt, mfu=util, **skips)
                 if not cfg.skip_nonfinite_steps:
                     _refuse_nonfinite(cfg, iter_num, loss, "loss")
             iter_num += 1

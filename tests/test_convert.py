@@ -42,11 +42,14 @@ def test_convert_hf_to_checkpoint_then_sample_eval_and_resume(hf_small, token_da
     got = np.asarray(make_model(config).apply({"params": params}, jnp.asarray(idx))[0])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
-    # sample: no vocabulary in the record -> GPT-2 BPE text in and out (ids below 512 are BPE tokens)
-    code, stdout, err = run_cli("sample", f"--out_dir={out}", "--start=Hello", "--num_samples=2", "--max_new_tokens=8")
+    # sample: no vocabulary in the record -> GPT-2 BPE text in and out (ids below 512 are BPE tokens:
+    # "," is 11 and " the" 262); "Hello" is 15496, past this model's 512 ids: one line, not NaN samples
+    code, stdout, err = run_cli("sample", f"--out_dir={out}", "--start=, the", "--num_samples=2", "--max_new_tokens=8")
     assert code == 0, err
     samples = stdout.split("\n---------------\n")
-    assert len(samples) == 3 and all(s.startswith("Hello") for s in samples[:2])
+    assert len(samples) == 3 and all(s.startswith(", the") for s in samples[:2])
+    code, stdout, err = run_cli("sample", f"--out_dir={out}", "--start=Hello", "--max_new_tokens=8")
+    assert_one_error_line(code, stdout, err, "token id 15,496", "knows 512 ids")
 
     # the converted checkpoint evaluates like the folder it came from
     args = dict(dataset="toks", data_dir=str(data_dir), eval_iters=0, batch_size=4, dtype="float32")

@@ -442,3 +442,16 @@ def test_sigint_in_process_saves_and_restores_the_handler(char_data, tmp_path):
     assert result["stopped_by"] == "SIGINT" and result["iter_num"] == 3
     assert lines[-1] == f"SIGINT: saved iteration 3 to {tmp_path}; continue with the same options and --init_from=resume"
     assert load_run(str(tmp_path))[2].iter_num == 3 and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.slow
+def test_eval_only_evaluates_and_stops_on_resume_too(char_data, tmp_path):
+    """nanoGPT trains on when eval_only meets a resume; here eval_only always means evaluate once and stop."""
+    data_dir, _ = char_data
+    cfg = tiny_cfg(data_dir, tmp_path, max_iters=2, eval_interval=2)
+    train(cfg, log=quiet)
+    before = load_checkpoint(str(tmp_path))[1]
+    result = train(dataclasses.replace(cfg, init_from="resume", max_iters=10, eval_only=True), log=quiet)
+    assert result["iter_num"] == 2 and set(result["last_losses"]) == {"train", "val"}
+    assert_trees_equal(load_checkpoint(str(tmp_path))[1], before)
+    assert max(m["iter"] for m in read_metrics(tmp_path)) == 2
