@@ -54,7 +54,8 @@ def check_arguments(config: GPTConfig, prompt, max_new_tokens, top_k, top_p, voc
         raise ValueError(f"generate: the prompt of shape {tuple(shape)} is empty; give at least one token per row")
     limit = vocab_size or config.vocab_size
     if not isinstance(prompt, jax.core.Tracer):  # inside the caller's own jit only the shape is known
-        low, high = int(jnp.min(prompt)), int(jnp.max(prompt))
+        ids = np.asarray(prompt)  # on the host: no device reduction compiled per prompt shape
+        low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= limit:
             raise ValueError(f"generate: the prompt holds token id {low if low < 0 else high}; ids must be in "
                              f"[0, {limit})")
