@@ -4,13 +4,13 @@ val loss). The record is defined, written and read here and nowhere else."""
 
 import dataclasses
 import math
-from pathlib import Path
-
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from .config import UserError
 from .model import GPTConfig
+from .tracking import on_object_store
 
 KINDS = ("latest", "best")
 RECORD_VERSION = 1
@@ -49,14 +49,20 @@ class RunRecord:
 
 def refuse_existing_run(out_dir: str, what: str) -> None:
     """A new run, finetune or import never writes over the checkpoints of another."""
-    root = Path(out_dir) / "checkpoints"
+    root = epath.Path(out_dir) / "checkpoints"
     if root.is_dir() and any(p.name.isdigit() for p in root.glob("*/*")):
         raise CheckpointError(f"{out_dir} already holds a run's checkpoints: {what}")
 
 
+def run_path(out_dir: str) -> epath.Path:
+    """out_dir as orbax wants it: absolute on a disk; a bucket path (gs://bucket/run) as it is."""
+    path = epath.Path(out_dir)
+    return path if on_object_store(path) else path.absolute()
+
+
 class Checkpointer:
     def __init__(self, out_dir: str, create: bool = True):
-        root = Path(out_dir).absolute() / "checkpoints"
+        root = run_path(out_dir) / "checkpoints"
         if not create and not root.is_dir():
             raise CheckpointError(f"no checkpoints in {out_dir}: train first, or check --out_dir")
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)

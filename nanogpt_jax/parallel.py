@@ -19,6 +19,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import ConfigError
@@ -55,6 +56,12 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     else:
         use_all_cpu_cores()
+
+
+def preemption_reached(step: int) -> bool:
+    """In a multi-process run, called by every process after every step: True on all of them at the same
+    step once any one got SIGTERM (JAX's preemption service, started by jax.distributed.initialize)."""
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 @dataclasses.dataclass(frozen=True)

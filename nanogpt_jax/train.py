@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
 from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
@@ -20,7 +21,7 @@ from .load import abstract_params, crop, folder_meta, model_config, with_runtime
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
 from .pretrained import from_pretrained
-from .tracking import MetricsLog
+from .tracking import MetricsLog, on_object_store
 from .step import TrainState, accumulate_grads, eval_step, train_step
 
 
@@ -175,12 +176,14 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
 
 class StopRequest:
     """SIGTERM / SIGINT while training: the loop finishes its step, saves `latest` and returns. A second
-    SIGINT interrupts at once (KeyboardInterrupt). Only in the main thread of a single-process run: the
-    processes of a multi-process run would disagree on the step they stop at."""
+    SIGINT interrupts at once (KeyboardInterrupt). In a multi-process run (a TPU pod is preempted with
+    SIGTERM, possibly on one host only) JAX's preemption service catches SIGTERM instead, and every
+    process stops after the same step (parallel.preemption_reached)."""
 
     def __init__(self):
         self.signal, self._previous = None, {}
-        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        self.processes = jax.process_count()
+        if threading.current_thread() is not threading.main_thread() or self.processes > 1:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -189,6 +192,12 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+
+    def after(self, iter_num: int) -> bool:
+        """Stop now that iteration iter_num is done? Every process asks at every iteration."""
+        if self.processes > 1 and parallel.preemption_reached(iter_num):
+            self.signal = "SIGTERM"
+        return self.signal is not None
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -247,11 +256,12 @@ class RunLock:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
     (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
-    out_dir = Path(cfg.out_dir)
+    out_dir = epath.Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out_dir={cfg.out_dir} is a file: give a folder (new or a run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out_dir) if jax.process_index() == 0 else None
+    # A bucket has no exclusive create: two runs into one gs:// out_dir are not detected.
+    lock = RunLock(Path(out_dir)) if jax.process_index() == 0 and not on_object_store(out_dir) else None
     try:
         ckpt = Checkpointer(cfg.out_dir)
         stop = StopRequest()
@@ -330,7 +340,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
                 if not cfg.skip_nonfinite_steps:
                     _refuse_nonfinite(cfg, iter_num, loss, "loss")
             iter_num += 1
-            if stop.signal is not None:  # the step is done: save it as an evaluation would, and stop
+            if stop.after(iter_num):  # the step is done: save it as an evaluation would, and stop
                 saved = run.saved_state(state)
                 ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, run.record(iter_num, best_val_loss))
                 log(f"{stop.signal}: saved iteration {iter_num} to {out_dir}; continue with the same options "

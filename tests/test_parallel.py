@@ -6,10 +6,13 @@ The device counts are XLA's fake host devices and real local processes, each in 
 (the count is fixed when JAX starts)."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -182,6 +185,38 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path, char_data):
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     np.testing.assert_allclose(multi[0], single[0], rtol=1e-5)
     assert [it for it, _ in multi[1]] == [it for it, _ in single[1]] == [0, 3, 6]
+    np.testing.assert_allclose([v for _, v in multi[1]], [v for _, v in single[1]], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_continues(tmp_path, char_data):
+    """A TPU pod is preempted with SIGTERM, maybe on one host: JAX's preemption service makes both processes
+    stop after the same step, save it as `latest` and exit 0; resuming gives the losses of a run never stopped."""
+    data_dir, _ = char_data
+    common = ["train", *TINY, f"--data_dir={data_dir}", "--max_iters=40", "--eval_interval=40"]
+    reference = run([*common, "--out_dir=single"], tmp_path, devices=4)
+
+    def two_processes(*extra):
+        port = free_port()
+        return [run([*common, "--out_dir=multi", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                     f"--process_id={i}", *extra], tmp_path, devices=2) for i in range(2)]
+
+    procs = two_processes()
+    metrics = tmp_path / "multi" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    out0, _ = finish(procs[0]), finish(procs[1])
+    stopped = int(re.search(r"SIGTERM: saved iteration (\d+)", out0).group(1))
+    assert 3 <= stopped < 40
+    assert [p.name for p in (tmp_path / "multi" / "checkpoints" / "latest").iterdir()] == [str(stopped)]
+    [finish(p) for p in two_processes("--init_from=resume")]
+    finish(reference)
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert len(multi[0]) == len(single[0]) == 40
+    np.testing.assert_allclose(multi[0], single[0], rtol=1e-5)
     np.testing.assert_allclose([v for _, v in multi[1]], [v for _, v in single[1]], rtol=1e-5)
 
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from nanogpt_jax import tracking
+from nanogpt_jax.checkpoint import run_path
 from nanogpt_jax.tracking import MetricsError, MetricsLog, read_metrics
 
 
@@ -64,6 +66,34 @@ def test_read_metrics_skips_a_torn_last_line_only(tmp_path):
         read_metrics(tmp_path)
     with pytest.raises(MetricsError, match=r"not found: is .*nowhere the --out_dir of a training run\?"):
         read_metrics(tmp_path / "nowhere")
+
+
+def test_a_bucket_out_dir_gets_whole_rewrites_not_appends(tmp_path, monkeypatch):
+    """gs:// objects cannot be appended to: the file is rewritten from memory every FLUSH_SECONDS and at
+    close, through epath (tested on a local folder treated as a bucket)."""
+    monkeypatch.setattr(tracking, "on_object_store", lambda path: True)
+    logged = history(10, 4)
+    write_lines(tmp_path / "metrics.jsonl", logged, tail='{"iter": 10, "loss": 3.3')
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    with MetricsLog(tmp_path, resume_iter=8) as m:
+        kept = read_metrics(tmp_path)
+        later = history(12, 4)[len(kept):]
+        m.log(**later[0])
+        assert read_metrics(tmp_path) == kept  # not yet written
+        clock[0] = tracking.FLUSH_SECONDS
+        m.log(**later[1])
+        assert read_metrics(tmp_path) == kept + later[:2]
+        for r in later[2:]:
+            m.log(**r)
+    assert read_metrics(tmp_path) == history(12, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_checkpoints_of_a_bucket_out_dir_stay_in_the_bucket(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(run_path("gs://bucket/run")) == "gs://bucket/run"
+    assert str(run_path("out")) == str(tmp_path / "out")  # on a disk orbax wants an absolute path
 
 
 def test_disabled_writes_nothing_and_keeps_the_file(tmp_path):
