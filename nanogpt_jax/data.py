@@ -249,18 +249,37 @@ class TokenShards:
             start, stop, step = index.indices(len(self))
             if step != 1:
                 raise IndexError("TokenShards takes slices with step 1")
-            first = int(np.searchsorted(self.ends, start, side="right"))
-            parts = [a[max(start - s, 0):max(stop - s, 0)] for s, a in
-                     zip(self.starts[first:], self.arrays[first:]) if s < stop]
-            return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+            return self._range(start, stop)
         index = np.asarray(index)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"token index out of range for {len(self):,} tokens")
-        shard = np.searchsorted(self.ends, index, side="right")
-        out = np.empty(index.shape, np.uint16)
-        for s in np.unique(shard):
-            at = shard == s
-            out[at] = self.arrays[s][index[at] - self.starts[s]]
+        flat = index.reshape(-1)
+        shard = np.searchsorted(self.ends, flat, side="right")
+        order = np.argsort(shard, kind="stable")  # the positions of each shard's indices, grouped
+        cuts = np.searchsorted(shard[order], np.arange(len(self.arrays) + 1))
+        out = np.empty(flat.shape, np.uint16)
+        for s in np.flatnonzero(np.diff(cuts)):
+            at = order[cuts[s]:cuts[s + 1]]
+            out[at] = self.arrays[s][flat[at] - self.starts[s]]
+        return out.reshape(index.shape)
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        """tokens[start:stop] (0 <= start, stop <= len), read shard by shard."""
+        parts, s = [np.zeros(0, np.uint16)], int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            base, arr = int(self.starts[s]), self.arrays[s]
+            parts.append(arr[start - base:stop - base])
+            start, s = base + len(arr), s + 1
+        return np.concatenate(parts)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """tokens[i:i+length] for every start i, of shape `starts.shape + (length,)`: one read per window,
+        where indexing with an array of every position would look each one up."""
+        out = np.empty((*starts.shape, length), np.uint16)
+        for at, i in np.ndenumerate(starts):
+            if not 0 <= i <= len(self) - length:
+                raise IndexError(f"a window of {length} tokens at {i} is outside {len(self):,} tokens")
+            out[at] = self._range(int(i), int(i) + length)
         return out
 
 
@@ -297,7 +316,10 @@ def window_starts(n_tokens: int, block_size: int, shape: tuple[int, ...], seed_k
 def read_windows(data, starts: np.ndarray, block_size: int):
     """x, y = data[i:i+T], data[i+1:i+1+T] for every start i, int32, of shape `starts.shape + (T,)`;
     `data` is a memmap or TokenShards."""
-    win = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+    if isinstance(data, TokenShards):
+        win = data.windows(starts, block_size + 1).astype(np.int32)
+    else:
+        win = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
     return win[..., :-1], win[..., 1:]
 
 

@@ -14,7 +14,7 @@ import tiktoken
 
 from nanogpt_jax import cli, corpora
 from nanogpt_jax.config import TrainConfig, parse
-from nanogpt_jax.data import DataError, TokenShards, check_splits, open_split
+from nanogpt_jax.data import DataError, TokenShards, check_splits, open_split, read_windows
 from nanogpt_jax.evaluate import batches
 from nanogpt_jax.load import model_config
 from nanogpt_jax.train import Run
@@ -194,8 +194,13 @@ def test_token_shards_index_as_their_concatenation(tmp_path):
     for a in range(len(whole) + 1):
         for b in (a, a + 1, a + 6, len(whole), len(whole) + 3):
             np.testing.assert_array_equal(shards[a:b], whole[a:b])
+    starts = np.arange(len(whole) - 9).reshape(-1, 1)  # every window of train's reader, across boundaries too
+    for a, b in zip(read_windows(shards, starts, 9), read_windows(whole, starts, 9)):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(IndexError):
         shards[np.array([len(whole)])]
+    with pytest.raises(IndexError):
+        read_windows(shards, np.array([len(whole) - 9]), 9)
 
 
 def test_bad_shard_headers_are_one_line(tmp_path):
