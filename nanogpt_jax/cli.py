@@ -51,8 +51,9 @@ def run_prepare(argv):
                                num_proc=cfg.num_proc)
     else:
         info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
+    shards = f" in {info['shards']} llm.c shards" if "shards" in info else ""
     print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
-          f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")
+          f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens{shards}")
 
 
 def run_train(argv):

@@ -99,6 +99,8 @@ def _load(dataset: str, input_path: str | None, streaming: bool, num_proc: int):
 
 
 def _openwebtext(ds, folder: Path, threads: int, progress: bool) -> dict:
+    if len(ds) < 2:
+        raise DataError(f"the corpus holds {len(ds)} document(s): the train / val split needs at least 2")
     split = ds.train_test_split(**OWT_SPLIT)
     info = {}
     for name, part in (("train", split["train"]), ("val", split["test"])):

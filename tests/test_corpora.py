@@ -136,11 +136,12 @@ def fineweb_copy(tmp_path):
     return folder, ordered
 
 
-def test_fineweb_edu_writes_llmc_shards(tmp_path, fineweb_copy, tiktoken_cache):
+def test_fineweb_edu_writes_llmc_shards(tmp_path, fineweb_copy, tiktoken_cache, capsys):
     folder, docs = fineweb_copy
     size = 1000
     assert cli.main(["prepare", "fineweb_edu", f"--input={folder}", f"--data_dir={tmp_path / 'data'}",
                      f"--shard_size={size}"]) == 0
+    assert "llm.c shards" in capsys.readouterr().out
     out = tmp_path / "data" / "fineweb_edu"
     enc = tiktoken.get_encoding("gpt2")
     stream = np.asarray([t for d in docs for t in [EOT] + enc.encode_ordinary(d)], np.uint16)  # EOT first
@@ -170,6 +171,10 @@ def test_fineweb_edu_bad_inputs_are_one_line(tmp_path, fineweb_copy, capsys):
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
         assert err.startswith("error: ") and needle in err
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "a single document"}\n', encoding="utf-8")
+    assert cli.main(["prepare", "openwebtext", data_dir, f"--input={one}"]) == 2
+    assert "holds 1 document(s)" in capsys.readouterr().err.strip().splitlines()[-1]
     notext = tmp_path / "notext.jsonl"
     notext.write_text('{"body": "a"}\n', encoding="utf-8")
     assert cli.main(["prepare", "openwebtext", data_dir, f"--input={notext}"]) == 2
@@ -302,11 +307,13 @@ def test_train_gpt2_fineweb_config_trains_on_prepared_shards(tmp_path, fineweb_c
     assert corpora.prepare("fineweb_edu", data_dir=str(data), input_path=str(folder), shard_size=600,
                            progress=False)["shards"] >= 3
     args = ["train", str(REPO / "configs" / "train_gpt2_fineweb.py"), *TINY, "--dataset=fineweb_edu",
-            f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
+            f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--eval_interval=1"]  # saves at iter 1
     assert cli.main(args) == 0
     log = capsys.readouterr().out
     assert f"tokens per iteration: {8 * 64 * 16:,}" in log and "layout: 1 process(es)" in log
     assert "step 0: train loss" in log and "iter 0: loss" in log
+    assert cli.main(["eval", f"--out_dir={tmp_path / 'out'}", "--eval_iters=1", "--batch_size=2"]) == 0
+    assert f"{data / 'fineweb_edu'} val: loss" in capsys.readouterr().out  # eval reads the shard folder too
 
 
 # ------------------------------------------------------------------------------------------------ configs
