@@ -225,7 +225,9 @@ def open_shard(path: Path) -> np.memmap:
     if version != SHARD_VERSION:
         raise DataError(f"{path}: shard version {version}, only version {SHARD_VERSION} (GPT-2, uint16 tokens) "
                         "is read")
-    if n < 1 or size != SHARD_HEADER_BYTES + 2 * n:
+    if n < 1:
+        raise DataError(f"{path}: the header says {n:,} tokens: an empty shard; prepare it again or remove it")
+    if size != SHARD_HEADER_BYTES + 2 * n:
         raise DataError(f"{path}: the header says {n:,} tokens ({SHARD_HEADER_BYTES + 2 * n:,} bytes) but the "
                         f"file holds {size:,} bytes: prepare the shard again")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
