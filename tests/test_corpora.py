@@ -19,7 +19,7 @@ from nanogpt_jax.evaluate import batches
 from nanogpt_jax.load import model_config
 from nanogpt_jax.train import Run
 
-from conftest import REPO
+from conftest import REPO, assert_one_error_line
 
 EOT = 50256
 HEADER_INTS = 256
@@ -208,7 +208,7 @@ def test_token_shards_index_as_their_concatenation(tmp_path):
         read_windows(shards, np.array([len(whole) - 9]), 9)
 
 
-def test_bad_shard_headers_are_one_line(tmp_path):
+def test_bad_shard_headers_are_one_line(tmp_path, run_cli):
     good = np.arange(100, dtype=np.uint16)
     cases = {
         "bad magic 20240801": dict(magic=20240801),
@@ -223,6 +223,11 @@ def test_bad_shard_headers_are_one_line(tmp_path):
         with pytest.raises(DataError, match=needle) as e:
             open_split(folder, "val")
         assert "c_val_000000.bin" in str(e.value) and "\n" not in str(e.value)
+    # as train sees it: one line before anything is built
+    bad = tmp_path / "bad_magic_20240801"
+    good.tofile(bad / "train.bin")
+    assert_one_error_line(*run_cli("train", f"--data_dir={tmp_path}", f"--dataset={bad.name}",
+                                   f"--out_dir={tmp_path / 'out'}"), "c_val_000000.bin: bad magic 20240801")
     (tmp_path / "short").mkdir()
     (tmp_path / "short" / "c_val_000000.bin").write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match="less than llm.c's 1,024-byte header"):
