@@ -46,6 +46,9 @@ def run_prepare(argv):
     cfg = options(PrepareConfig, argv, positional="dataset")
     if not cfg.dataset:
         raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
+    known = (*data.DATASETS, *corpora.CORPORA)
+    if cfg.dataset not in known:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}: prepare knows {', '.join(known)}")
     if cfg.dataset in corpora.CORPORA:
         info = corpora.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input, shard_size=cfg.shard_size,
                                num_proc=cfg.num_proc)
