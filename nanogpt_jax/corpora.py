@@ -92,7 +92,8 @@ def _load(dataset: str, input_path: str | None, streaming: bool, num_proc: int):
         raise DataError(f"{where} holds no documents") from None
     except Exception as e:  # datasets raises many kinds (missing files, no network, bad formats)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"cannot read {where} with datasets: {type(e).__name__}: {first}") from None
+        hint = "; or download a copy and pass it with --input" if input_path is None else ""
+        raise DataError(f"cannot read {where} with datasets: {type(e).__name__}: {first}{hint}") from None
     if "text" not in columns:
         raise DataError(f"{where} has no 'text' column (it has {', '.join(map(str, columns))})")
     return ds.select_columns(["text"])
