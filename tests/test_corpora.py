@@ -171,6 +171,10 @@ def test_fineweb_edu_bad_inputs_are_one_line(tmp_path, fineweb_copy, capsys):
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
         assert err.startswith("error: ") and needle in err
+    for corpus in corpora.CORPORA:  # the hub, with no network: one line that offers --input
+        assert cli.main(["prepare", corpus, data_dir]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: cannot read the hub's {corpora.HUB[corpus][0]}") and "--input" in err
     one = tmp_path / "one.jsonl"
     one.write_text('{"text": "a single document"}\n', encoding="utf-8")
     assert cli.main(["prepare", "openwebtext", data_dir, f"--input={one}"]) == 2
