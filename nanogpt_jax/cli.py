@@ -6,7 +6,7 @@ import sys
 
 import jax
 
-from . import bench, convert, data, evaluate, parallel, plot, sample, train
+from . import bench, convert, corpora, data, evaluate, parallel, plot, sample, train
 from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 
@@ -15,6 +15,10 @@ USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value
 commands:
   prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare;
                                                     the text ships with the package, --input overrides it)
+  prepare openwebtext [--input=LOCAL_COPY]          nanoGPT's OpenWebText: train.bin / val.bin (GPT-2 BPE)
+  prepare fineweb_edu [--input=LOCAL_COPY] [--shard_size=100000000]
+                                                    llm.c's FineWeb-Edu sample-10BT shards (pip install
+                                                    'nanogpt-jax[hub]' for both)
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
   sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
@@ -42,9 +46,17 @@ def run_prepare(argv):
     cfg = options(PrepareConfig, argv, positional="dataset")
     if not cfg.dataset:
         raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
-    info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
+    known = (*data.DATASETS, *corpora.CORPORA)
+    if cfg.dataset not in known:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}: prepare knows {', '.join(known)}")
+    if cfg.dataset in corpora.CORPORA:
+        info = corpora.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input, shard_size=cfg.shard_size,
+                               num_proc=cfg.num_proc)
+    else:
+        info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
+    shards = f" in {info['shards']} llm.c shards" if "shards" in info else ""
     print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
-          f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")
+          f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens{shards}")
 
 
 def run_train(argv):

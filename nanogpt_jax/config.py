@@ -190,6 +190,12 @@ class PrepareConfig:
     dataset: str = ""  # also the first bare word: nanogpt-jax prepare shakespeare_char
     input: str | None = None  # a local copy of the text instead of the download
     data_dir: str = "data"
+    shard_size: int = 100_000_000  # fineweb_edu: tokens per llm.c shard
+    num_proc: int = 0  # openwebtext, fineweb_edu: tokenizing threads (0 = one per CPU core)
+
+    def __post_init__(self):
+        _at_least(self, 1, "shard_size")
+        _at_least(self, 0, "num_proc")
 
 
 def _at_least(cfg, low, *keys):

@@ -1,4 +1,5 @@
-"""Datasets in nanoGPT's format: `train.bin` / `val.bin` as raw uint16 token ids, plus the vocabulary.
+"""Datasets in nanoGPT's format: `train.bin` / `val.bin` as raw uint16 token ids, plus the vocabulary; or
+llm.c's token shards (a 1 KB header, then uint16 ids), several per split.
 
 Batches are random windows read from a memmap; which windows is a pure function of a key such as
 (seed, split, process index, iteration) so that a resumed run sees exactly the batches of an uninterrupted one.
@@ -179,11 +180,19 @@ class Tokenizer:
         return stoi[ch]
 
 
-def open_split(dataset_dir: Path, split: str) -> np.memmap:
+def open_split(dataset_dir: Path, split: str):
+    """The split's tokens: nanoGPT's headerless `{split}.bin` (a memmap), else llm.c's shards
+    `*_{split}_*.bin` read as one sequence (TokenShards)."""
     path = dataset_dir / f"{split}.bin"
+    shards = sorted({p for pattern in (f"*_{split}_*.bin", f"*_{split}.bin") for p in dataset_dir.glob(pattern)})
+    if path.is_file() and shards:
+        raise DataError(f"{dataset_dir} holds both {path.name} and llm.c shards ({shards[0].name} ...): "
+                        "keep one format per dataset folder")
+    if shards:
+        return TokenShards(shards, [open_shard(p) for p in shards])
     if not path.is_file():
-        raise DataError(f"{path} not found: run `nanogpt-jax prepare {dataset_dir.name}` "
-                        "(or point --data_dir at the folder holding it)")
+        raise DataError(f"{path} not found (nor llm.c shards *_{split}_*.bin): run `nanogpt-jax prepare "
+                        f"{dataset_dir.name}` (or point --data_dir at the folder holding it)")
     size = path.stat().st_size
     if size == 0 or size % 2:
         raise DataError(f"{path} holds {size:,} bytes: token files are uint16 ids (2 bytes each, at least one); "
@@ -191,22 +200,110 @@ def open_split(dataset_dir: Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+# llm.c's token shards (dev/data/data_common.py): 256 little-endian int32 (magic, version, token count, zeros),
+# then the tokens as uint16. Version 1 is GPT-2's; llama-3's uint32 shards (another magic) are not read here.
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = 4 * SHARD_HEADER_INTS
+
+
+def shard_header(n_tokens: int) -> bytes:
+    header = np.zeros(SHARD_HEADER_INTS, "<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, n_tokens
+    return header.tobytes()
+
+
+def open_shard(path: Path) -> np.memmap:
+    """An llm.c shard's tokens, after checking its header against the file."""
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path} holds {size:,} bytes, less than llm.c's {SHARD_HEADER_BYTES:,}-byte header: "
+                        "it is not a token shard, or it is cut short")
+    magic, version, n = (int(v) for v in np.fromfile(path, "<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {magic} (llm.c's GPT-2 token shards start with {SHARD_MAGIC}): "
+                        "not a GPT-2 token shard")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {version}, only version {SHARD_VERSION} (GPT-2, uint16 tokens) "
+                        "is read")
+    if n < 1:
+        raise DataError(f"{path}: the header says {n:,} tokens: an empty shard; prepare it again or remove it")
+    if size != SHARD_HEADER_BYTES + 2 * n:
+        raise DataError(f"{path}: the header says {n:,} tokens ({SHARD_HEADER_BYTES + 2 * n:,} bytes) but the "
+                        f"file holds {size:,} bytes: prepare the shard again")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+
+
+class TokenShards:
+    """Shards of one split read as one token sequence, in name order. llm.c cuts one token stream into shards
+    (a document runs on into the next shard), so windows may cross a shard boundary as they would in the
+    stream. Indexing takes integer arrays (windows) or step-1 slices, as a memmap would."""
+
+    def __init__(self, paths: list[Path], arrays: list[np.memmap]):
+        self.paths, self.arrays = paths, arrays
+        self.ends = np.cumsum([len(a) for a in arrays])  # (shards,) one past each shard's last token
+        self.starts = self.ends - [len(a) for a in arrays]
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("TokenShards takes slices with step 1")
+            return self._range(start, stop)
+        index = np.asarray(index)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"token index out of range for {len(self):,} tokens")
+        flat = index.reshape(-1)
+        shard = np.searchsorted(self.ends, flat, side="right")
+        order = np.argsort(shard, kind="stable")  # the positions of each shard's indices, grouped
+        cuts = np.searchsorted(shard[order], np.arange(len(self.arrays) + 1))
+        out = np.empty(flat.shape, np.uint16)
+        for s in np.flatnonzero(np.diff(cuts)):
+            at = order[cuts[s]:cuts[s + 1]]
+            out[at] = self.arrays[s][flat[at] - self.starts[s]]
+        return out.reshape(index.shape)
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        """tokens[start:stop] (0 <= start, stop <= len), read shard by shard."""
+        parts, s = [np.zeros(0, np.uint16)], int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            base, arr = int(self.starts[s]), self.arrays[s]
+            parts.append(arr[start - base:stop - base])
+            start, s = base + len(arr), s + 1
+        return np.concatenate(parts)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """tokens[i:i+length] for every start i, of shape `starts.shape + (length,)`: one read per window,
+        where indexing with an array of every position would look each one up."""
+        out = np.empty((*starts.shape, length), np.uint16)
+        for at, i in np.ndenumerate(starts):
+            if not 0 <= i <= len(self) - length:
+                raise IndexError(f"a window of {length} tokens at {i} is outside {len(self):,} tokens")
+            out[at] = self._range(int(i), int(i) + length)
+        return out
+
+
 def check_splits(dataset_dir: Path, splits: dict, block_size: int, vocab_size: int) -> None:
     """Every split holds a window of block_size + 1 tokens and only ids below vocab_size (an id past the
     embedding table reads garbage instead of failing). Reads the files once, in chunks."""
     for split, arr in splits.items():
-        path = dataset_dir / f"{split}.bin"
+        files = (list(zip(arr.paths, arr.arrays)) if isinstance(arr, TokenShards)
+                 else [(dataset_dir / f"{split}.bin", arr)])
+        where = files[0][0] if len(files) == 1 else f"{dataset_dir}'s {len(files)} {split} shards"
         if len(arr) <= block_size:
-            raise DataError(f"{path} holds {len(arr):,} tokens, fewer than block_size + 1 = {block_size + 1}: "
+            raise DataError(f"{where} holds {len(arr):,} tokens, fewer than block_size + 1 = {block_size + 1}: "
                             "use a smaller --block_size or more data")
-        top = max(int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24))
-        if top >= vocab_size:
-            raise DataError(f"{path} holds token id {top:,} and the model has {vocab_size:,} ids: use a dataset "
-                            "tokenized for this model")
+        for path, tokens in files:
+            top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+            if top >= vocab_size:
+                raise DataError(f"{path} holds token id {top:,} and the model has {vocab_size:,} ids: use a "
+                                "dataset tokenized for this model")
 
 
 def open_dataset(dataset_dir: Path) -> tuple[dict, dict | None]:
-    """({'train': memmap, 'val': memmap}, vocabulary or None for GPT-2 BPE) of a prepared dataset."""
+    """({'train': tokens, 'val': tokens}, vocabulary or None for GPT-2 BPE) of a prepared dataset."""
     return {split: open_split(dataset_dir, split) for split in ("train", "val")}, load_meta(dataset_dir)
 
 
@@ -218,12 +315,16 @@ def window_starts(n_tokens: int, block_size: int, shape: tuple[int, ...], seed_k
     return np.random.default_rng(list(seed_key)).integers(0, n_tokens - block_size, size=shape)
 
 
-def read_windows(data: np.ndarray, starts: np.ndarray, block_size: int):
-    """x, y = data[i:i+T], data[i+1:i+1+T] for every start i, int32, of shape `starts.shape + (T,)`."""
-    win = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
+def read_windows(data, starts: np.ndarray, block_size: int):
+    """x, y = data[i:i+T], data[i+1:i+1+T] for every start i, int32, of shape `starts.shape + (T,)`;
+    `data` is a memmap or TokenShards."""
+    if isinstance(data, TokenShards):
+        win = data.windows(starts, block_size + 1).astype(np.int32)
+    else:
+        win = np.asarray(data[starts[..., None] + np.arange(block_size + 1)], dtype=np.int32)
     return win[..., :-1], win[..., 1:]
 
 
-def get_batch(data: np.ndarray, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
+def get_batch(data, block_size: int, shape: tuple[int, ...], seed_key: tuple[int, ...]):
     """Random windows x, y of `shape + (T,)`, int32, read from `data` (a memmap: only those windows)."""
     return read_windows(data, window_starts(len(data), block_size, shape, seed_key), block_size)

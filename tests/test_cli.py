@@ -95,8 +95,8 @@ def test_sample_from_missing_out_dir(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_unknown_dataset(tmp_path):
-    proc = cli("prepare", "openwebtext", cwd=tmp_path)
-    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "openwebtext", "shakespeare_char")
+    proc = cli("prepare", "tinystories", cwd=tmp_path)
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "tinystories", "shakespeare_char", "openwebtext")
     proc = cli("prepare", "shakespeare_char", "--input=missing.txt", cwd=tmp_path)
     assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "missing.txt")
 

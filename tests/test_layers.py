@@ -12,7 +12,7 @@ LAYERS = [
     {"model"},
     {"assets", "tracking"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
-    {"load"},
+    {"load", "corpora"},
     {"train", "evaluate", "convert", "sample", "plot"},
     {"bench"},
     {"cli"},
