@@ -6,7 +6,7 @@ import sys
 
 import jax
 
-from . import bench, convert, data, evaluate, parallel, plot, sample, train
+from . import bench, convert, data, evaluate, parallel, plot, sample, textdata, train
 from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 
@@ -15,6 +15,10 @@ USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value
 commands:
   prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare;
                                                     the text ships with the package, --input overrides it)
+  prepare text --input=PATH [--input=PATH ...] --name=NAME [--tokenizer=char|word|gpt2|sentencepiece]
+               [--vocab_size=8192] [--val_fraction=0.1] [--data_dir=DIR]
+                                                    tokenize your own text files (files, folders, globs) into
+                                                    DIR/NAME; train it with --dataset=NAME
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
   sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
@@ -41,8 +45,17 @@ def options(cls, argv, positional=None):
 def run_prepare(argv):
     cfg = options(PrepareConfig, argv, positional="dataset")
     if not cfg.dataset:
-        raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
-    info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
+        raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare, or text)")
+    if cfg.dataset == "text":
+        info = textdata.prepare_text(cfg.input, cfg.name, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+                                     val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
+        print(f"wrote {info['dir']} ({cfg.tokenizer}, {info['files']:,} file(s)): vocab size {info['vocab_size']:,}, "
+              f"train {info['train_tokens']:,} tokens ({info['train_chars']:,} characters), "
+              f"val {info['val_tokens']:,} tokens ({info['val_chars']:,} characters)")
+        return
+    if len(cfg.input) > 1:
+        raise ConfigError(f"prepare {cfg.dataset} reads one --input file (got {len(cfg.input)})")
+    info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input[0] if cfg.input else None)
     print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
           f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import data, parallel
 from .config import EvalConfig
 from .data import DataError
+from .tokenizers import Tokenizer
 from .load import crop, load_model
 from .model import GPTConfig, make_model
 from .step import eval_step
@@ -116,7 +117,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
             raise DataError(f"--input={cfg.input}: cannot read it ({e.strerror})") from None
         except UnicodeDecodeError:
             raise DataError(f"--input={cfg.input}: not UTF-8 text") from None
-        tokens = np.asarray(data.Tokenizer(meta).encode(text), np.int64)
+        tokens = np.asarray(Tokenizer(meta).encode(text), np.int64)
         source, split_id = cfg.input, 0
     else:
         dataset = cfg.dataset or train.get("dataset", "openwebtext")
