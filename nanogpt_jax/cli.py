@@ -22,7 +22,7 @@ commands:
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
   sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
-                                                    loss and perplexity of a checkpoint or GPT-2 on a dataset
+                                                    loss, perplexity, bits/char of a checkpoint or GPT-2 on a dataset
                                                     split or a text file (--eval_iters=0: every token once)
   convert --init_from=gpt2|HF_DIR --out_dir=DIR     HuggingFace GPT-2 -> checkpoint (train, sample, eval it)
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
@@ -75,7 +75,9 @@ def run_sample(argv):
 
 def run_eval(argv):
     r = evaluate.run(options(EvalConfig, argv))
-    print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} ({r.tokens:,} tokens, {r.batches:,} batches)")
+    bpc = "n/a (no stats.json: prepare the dataset again)" if r.bits_per_char is None else f"{r.bits_per_char:.4f}"
+    print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f}, bits/char {bpc} "
+          f"({r.tokens:,} tokens, {r.batches:,} batches)")
 
 
 def run_convert(argv):

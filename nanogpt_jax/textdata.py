@@ -148,8 +148,9 @@ def _split_piece(text, pos, split_at, ends_document, nbytes):
 
 def _bar(files, what, progress):
     total = sum(p.stat().st_size for p in files)
+    # shown after a second (a bad input fails before: its error is the only line), then each 30 s in a log file
     return tqdm(total=total, desc=f"{what} {len(files):,} file(s)", unit="B", unit_scale=True, file=sys.stderr,
-                disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+                disable=not progress, delay=1.0, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
 def threads() -> int:
