@@ -26,7 +26,10 @@ from . import data
 from .data import MAX_TOKENS, SENTENCEPIECE_MODEL, DataError
 from .tokenizers import Tokenizer, char_meta, sentencepiece_meta, train_sentencepiece, word_meta, words
 
-CHUNK_BYTES = 1 << 20  # read size; a chunk is cut where tokenizing its halves apart gives the same tokens
+CHUNK_BYTES = 1 << 18  # read size; a chunk is cut where tokenizing its halves apart gives the same tokens
+# chunks tokenized at once per thread: tiktoken returns Python ints (~36 bytes per token, ~2.5 MB per chunk),
+# so a batch holds about 4 * threads * 2.5 MB for a moment
+BATCH_PER_THREAD = 4
 GLOB_CHARS = set("*?[")
 
 
@@ -196,7 +199,7 @@ def prepare_text(inputs, name: str, tokenizer: str = "gpt2", vocab_size: int = 8
                 batch = []
                 for piece in pieces(files, split_at, chunk_bytes):
                     batch.append(piece)
-                    if len(batch) == 4 * threads():
+                    if len(batch) == BATCH_PER_THREAD * threads():
                         _write(tok, batch, outs, counts, bar)
                         batch = []
                 _write(tok, batch, outs, counts, bar)

@@ -170,8 +170,8 @@ def test_sentencepiece_train_sample_eval_end_to_end(corpus, tmp_path, run_cli):
     inputs, docs, held_out = corpus
     args = [f"--input={p}" for p in inputs]
     code, out, err = run_cli("prepare", "text", *args, "--name=sp", "--tokenizer=sentencepiece",
-                             "--vocab_size=300", f"--data_dir={tmp_path}")
-    assert code == 0 and "vocab size 300" in out, err
+                             "--vocab_size=400", f"--data_dir={tmp_path}")
+    assert code == 0 and "vocab size 400" in out, err
     code, out, err = run_cli("train", "--dataset=sp", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
                              "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
                              "--gradient_accumulation_steps=1", "--max_iters=4", "--eval_interval=4",
@@ -221,14 +221,15 @@ def test_bits_per_char_is_na_for_bpe_data_without_stats(token_data, hf_small, ru
 
 @pytest.mark.slow
 def test_a_corpus_bigger_than_the_memory_cap_prepares(tmp_path):
-    """Address space capped at (what a 1 MB corpus needs) + 32 MB; a 100 MB corpus (3x that headroom, in
-    tokens 6x) still prepares, char and gpt2."""
+    """Address space capped at what a 4 MB corpus needs (whole batches of chunks) + 16 MB: a 50 MB corpus, 3x
+    that headroom (in ids 6x for char), still prepares, char and gpt2. glibc's arenas are capped so that the
+    address space follows what is allocated."""
     line = "Thou art a villain, and I'll prove it on thee; 1234 — ŝ\n"
     small, big = tmp_path / "small.txt", tmp_path / "big"
-    small.write_text(line * (1_000_000 // len(line)), encoding="utf-8")
+    small.write_text(line * (4_000_000 // len(line)), encoding="utf-8")
     big.mkdir()
     for i in range(5):
-        (big / f"{i}.txt").write_text(line * (20_000_000 // len(line)), encoding="utf-8")
+        (big / f"{i}.txt").write_text(line * (10_000_000 // len(line)), encoding="utf-8")
     script = textwrap.dedent("""
         import resource, sys
         cap = int(sys.argv[3])
@@ -241,15 +242,16 @@ def test_a_corpus_bigger_than_the_memory_cap_prepares(tmp_path):
     """)
 
     def run(path, tokenizer, cap):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_ARENA_MAX": "2"}
         proc = subprocess.run([sys.executable, "-c", script, str(path), tokenizer, str(cap), str(tmp_path / "d")],
-                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert proc.returncode == 0, proc.stderr[-2000:]
+                              capture_output=True, text=True, cwd=REPO, env=env)
+        assert proc.returncode == 0, (tokenizer, cap, proc.stderr[-2000:])
         return [int(x) for x in proc.stdout.split()]
 
-    chars = 5 * (20_000_000 // len(line)) * len(line)
+    chars = 5 * (10_000_000 // len(line)) * len(line)
     for tokenizer in ("char", "gpt2"):
         peak, _ = run(small, tokenizer, 0)
-        _, tokens = run(big, tokenizer, peak + (32 << 20))
+        _, tokens = run(big, tokenizer, peak + (16 << 20))
         assert tokens == chars if tokenizer == "char" else chars / 5 < tokens < chars / 2
 
 
