@@ -185,7 +185,9 @@ def prepare_text(inputs, name: str, tokenizer: str = "gpt2", vocab_size: int = 8
     elif tokenizer == "word":
         meta = word_meta(seen, vocab_size)
     elif tokenizer == "sentencepiece":
-        model = train_sentencepiece(lines(files, chunk_bytes), vocab_size, threads())
+        read = tqdm(lines(files, chunk_bytes), desc="sentencepiece: read lines", unit=" lines", unit_scale=True,
+                    file=sys.stderr, disable=not progress, delay=1.0, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        model = train_sentencepiece(read, vocab_size, threads())
         meta = sentencepiece_meta(model)
     else:
         meta = None
