@@ -150,10 +150,14 @@ def _split_piece(text, pos, split_at, ends_document, nbytes):
 
 
 def _bar(files, what, progress):
-    total = sum(p.stat().st_size for p in files)
+    return _progress(progress, total=sum(p.stat().st_size for p in files), desc=f"{what} {len(files):,} file(s)",
+                     unit="B")
+
+
+def _progress(progress, iterable=None, **kw):
     # shown after a second (a bad input fails before: its error is the only line), then each 30 s in a log file
-    return tqdm(total=total, desc=f"{what} {len(files):,} file(s)", unit="B", unit_scale=True, file=sys.stderr,
-                disable=not progress, delay=1.0, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    return tqdm(iterable, file=sys.stderr, disable=not progress, delay=1.0, unit_scale=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, **kw)
 
 
 def threads() -> int:
@@ -185,9 +189,8 @@ def prepare_text(inputs, name: str, tokenizer: str = "gpt2", vocab_size: int = 8
     elif tokenizer == "word":
         meta = word_meta(seen, vocab_size)
     elif tokenizer == "sentencepiece":
-        read = tqdm(lines(files, chunk_bytes), desc="sentencepiece: read lines", unit=" lines", unit_scale=True,
-                    file=sys.stderr, disable=not progress, delay=1.0, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        model = train_sentencepiece(read, vocab_size, threads())
+        read = _progress(progress, lines(files, chunk_bytes), desc="sentencepiece: read", unit=" lines")
+        model = train_sentencepiece(iter(read), vocab_size, threads())
         meta = sentencepiece_meta(model)
     else:
         meta = None
