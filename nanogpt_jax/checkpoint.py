@@ -26,7 +26,7 @@ class RunRecord:
 
     train: dict  # the TrainConfig's fields
     model: dict  # the GPTConfig's fields
-    meta: dict | None  # the character vocabulary; None for GPT-2 BPE
+    meta: dict | None  # the tokenizer (see tokenizers.py: characters, words, sentencepiece); None for GPT-2 BPE
     iter_num: int = 0
     best_val_loss: float = math.inf
     version: int = RECORD_VERSION

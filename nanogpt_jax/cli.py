@@ -6,7 +6,7 @@ import sys
 
 import jax
 
-from . import bench, convert, corpora, data, evaluate, parallel, plot, sample, train
+from . import bench, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
 from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 
@@ -15,6 +15,10 @@ USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value
 commands:
   prepare DATASET [--input=PATH] [--data_dir=DIR]   tokenize Tiny Shakespeare (shakespeare_char | shakespeare;
                                                     the text ships with the package, --input overrides it)
+  prepare text --input=PATH [--input=PATH ...] --name=NAME [--tokenizer=char|word|gpt2|sentencepiece]
+               [--vocab_size=8192] [--val_fraction=0.1] [--data_dir=DIR]
+                                                    tokenize your own text files (files, folders, globs) into
+                                                    DIR/NAME; train it with --dataset=NAME
   prepare openwebtext [--input=LOCAL_COPY]          nanoGPT's OpenWebText: train.bin / val.bin (GPT-2 BPE)
   prepare fineweb_edu [--input=LOCAL_COPY] [--shard_size=100000000]
                                                     llm.c's FineWeb-Edu sample-10BT shards (pip install
@@ -22,7 +26,7 @@ commands:
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
   sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
-                                                    loss and perplexity of a checkpoint or GPT-2 on a dataset
+                                                    loss, perplexity, bits/char of a checkpoint or GPT-2 on a dataset
                                                     split or a text file (--eval_iters=0: every token once)
   convert --init_from=gpt2|HF_DIR --out_dir=DIR     HuggingFace GPT-2 -> checkpoint (train, sample, eval it)
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
@@ -45,15 +49,25 @@ def options(cls, argv, positional=None):
 def run_prepare(argv):
     cfg = options(PrepareConfig, argv, positional="dataset")
     if not cfg.dataset:
-        raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
-    known = (*data.DATASETS, *corpora.CORPORA)
+        raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare, or text)")
+    known = (*data.DATASETS, *corpora.CORPORA, "text")
     if cfg.dataset not in known:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: prepare knows {', '.join(known)}")
+    if cfg.dataset == "text":
+        info = textdata.prepare_text(cfg.input, cfg.name, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+                                     val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
+        print(f"wrote {info['dir']} ({cfg.tokenizer}, {info['files']:,} file(s)): vocab size {info['vocab_size']:,}, "
+              f"train {info['train_tokens']:,} tokens ({info['train_chars']:,} characters), "
+              f"val {info['val_tokens']:,} tokens ({info['val_chars']:,} characters)")
+        return
+    if len(cfg.input) > 1:
+        raise ConfigError(f"prepare {cfg.dataset} reads one --input (got {len(cfg.input)})")
+    input_path = cfg.input[0] if cfg.input else None
     if cfg.dataset in corpora.CORPORA:
-        info = corpora.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input, shard_size=cfg.shard_size,
+        info = corpora.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=input_path, shard_size=cfg.shard_size,
                                num_proc=cfg.num_proc)
     else:
-        info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
+        info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=input_path)
     shards = f" in {info['shards']} llm.c shards" if "shards" in info else ""
     print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
           f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens{shards}")
@@ -74,7 +88,9 @@ def run_sample(argv):
 
 def run_eval(argv):
     r = evaluate.run(options(EvalConfig, argv))
-    print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f} ({r.tokens:,} tokens, {r.batches:,} batches)")
+    bpc = "n/a (no stats.json: prepare the dataset again)" if r.bits_per_char is None else f"{r.bits_per_char:.4f}"
+    print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f}, bits/char {bpc} "
+          f"({r.tokens:,} tokens, {r.batches:,} batches)")
 
 
 def run_convert(argv):

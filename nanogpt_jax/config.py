@@ -188,14 +188,25 @@ class ConvertConfig(LoadConfig):
 @dataclasses.dataclass
 class PrepareConfig:
     dataset: str = ""  # also the first bare word: nanogpt-jax prepare shakespeare_char
-    input: str | None = None  # a local copy of the text instead of the download
+    # the text instead of the shipped copy; `prepare text`: files, folders or globs, --input repeated for several
+    input: tuple[str, ...] = ()
     data_dir: str = "data"
     shard_size: int = 100_000_000  # fineweb_edu: tokens per llm.c shard
     num_proc: int = 0  # openwebtext, fineweb_edu: tokenizing threads (0 = one per CPU core)
+    # prepare text: the dataset's folder name under data_dir, its tokenizer, its size (word, sentencepiece)
+    name: str = ""
+    tokenizer: str = "gpt2"  # 'char', 'word', 'gpt2' or 'sentencepiece'
+    vocab_size: int = 8192  # word and sentencepiece: every id, <unk> included
+    val_fraction: float = 0.1  # the last val_fraction of the corpus's characters is the val split
 
     def __post_init__(self):
         _at_least(self, 1, "shard_size")
         _at_least(self, 0, "num_proc")
+        _at_least(self, 2, "vocab_size")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val_fraction={self.val_fraction}: must be in (0, 1)")
+        if self.tokenizer not in ("char", "word", "gpt2", "sentencepiece"):
+            raise ConfigError(f"--tokenizer={self.tokenizer}: use char, word, gpt2 or sentencepiece")
 
 
 def _at_least(cfg, low, *keys):
@@ -217,6 +228,11 @@ IGNORED = {
 }
 
 
+def _repeated(hint) -> bool:
+    """A tuple[str, ...] option: --key=value repeated on the command line gives every value."""
+    return typing.get_origin(hint) is tuple
+
+
 def _allowed_types(hint) -> tuple:
     """The types an option accepts: `int`, `int | None` and `typing.Optional[int]` alike."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -230,7 +246,15 @@ def _check(cls, key: str, value, source: str):
         close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
         raise ConfigError(f"unknown option --{key} ({source}){hint}")
-    allowed = _allowed_types(typing.get_type_hints(cls)[key])
+    hint = typing.get_type_hints(cls)[key]
+    if _repeated(hint):
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"--{key}={value!r} ({source}): expected a string or a list of strings "
+                          f"(repeat --{key} for several)")
+    allowed = _allowed_types(hint)
     for t in allowed:
         if t is type(None) and value is None:
             return None
@@ -282,13 +306,19 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
     `notes` collects a line per ignored nanoGPT option; `positional` names the field a bare first word
     fills (prepare's dataset)."""
     values = {}
+    repeated = {f.name for f in dataclasses.fields(cls) if _repeated(typing.get_type_hints(cls)[f.name])}
+    given = set()  # repeated options given on the command line: a second --key adds to the first
 
     def put(key, value, source):
         if key in IGNORED and key not in {f.name for f in dataclasses.fields(cls)}:
             if notes is not None:
                 notes.append(f"--{key} has no effect in nanogpt-jax: {IGNORED[key]}")
             return
-        values[key] = _check(cls, key, value, source)
+        value = _check(cls, key, value, source)
+        if key in repeated and source == "command line":
+            value = (values[key] if key in given else ()) + value
+            given.add(key)
+        values[key] = value
 
     args = list(argv)
     if positional and args and not args[0].startswith("--") and not args[0].endswith(".py"):
@@ -301,7 +331,7 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
                 if not args or args[0].startswith("--"):
                     raise ConfigError(f"{arg} needs a value: write {arg}=VALUE or {arg} VALUE")
                 text = args.pop(0)
-            put(key, _literal(text), "command line")
+            put(key, text if key in repeated else _literal(text), "command line")  # paths, not literals
         elif arg.endswith(".py"):
             scope = run_config_file(arg)
             for key, value in scope.items():

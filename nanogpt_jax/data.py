@@ -5,6 +5,8 @@ Batches are random windows read from a memmap; which windows is a pure function 
 (seed, split, process index, iteration) so that a resumed run sees exactly the batches of an uninterrupted one.
 """
 
+import base64
+import contextlib
 import json
 import os
 import pickle
@@ -15,16 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .assets import gpt2_encoding, shakespeare_text
-from .config import UserError
+from .tokenizers import MAX_TOKENS, DataError, check_meta, kind
 
 DATASETS = ("shakespeare_char", "shakespeare")
-
-
-MAX_TOKENS = 65_536  # ids 0..65535: what uint16 train.bin / val.bin hold
-
-
-class DataError(UserError):
-    """A dataset is missing or malformed; the message says how to fix it."""
+STATS = "stats.json"  # {split: {"tokens": n, "chars": n}}: the characters each split's tokens encode
+SENTENCEPIECE_MODEL = "tokenizer.model"  # a sentencepiece dataset's model, named by its meta.json
+TOKENIZER_FILES = ("meta.json", "meta.pkl", SENTENCEPIECE_MODEL)  # a dataset without them is GPT-2 BPE
 
 
 def read_input(path: str | None, cache_path: Path) -> str:
@@ -60,8 +58,6 @@ def prepare(dataset: str, data_dir: str = "data", input_path: str | None = None)
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: prepare knows {', '.join(DATASETS)}")
     out = Path(data_dir) / dataset
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file: prepare writes a folder there; move it or use another --data_dir")
     source = input_path or (out / "input.txt" if (out / "input.txt").is_file() else "the shipped Tiny Shakespeare")
     text = read_input(input_path, out / "input.txt")
     if len(text) < 2:
@@ -82,26 +78,62 @@ def prepare(dataset: str, data_dir: str = "data", input_path: str | None = None)
         enc = gpt2_encoding()
         info = {"vocab_size": enc.n_vocab}
         encode = enc.encode_ordinary
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dataset}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         for name, content in files.items():
             (tmp / name).write_text(content, encoding="utf-8")
+        stats = {}
         for split, part in (("train", train_text), ("val", val_text)):
             ids = encode(part)
             if len(ids) < 2:
                 raise DataError(f"{source} is too short: its {split} split would hold {len(ids)} tokens")
             info[f"{split}_tokens"] = write_split(ids, tmp / f"{split}.bin")
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            stats[split] = {"tokens": len(ids), "chars": len(part)}
+        write_stats(tmp, stats)
     info["dir"] = str(out)
     return info
 
 
+@contextlib.contextmanager
+def staging(out: Path):
+    """A temporary folder beside `out` to write a dataset into; on success its files replace out's (and a
+    tokenizer file the new dataset lacks is removed, as it would describe other tokens), on failure out is
+    left as it was."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file: prepare writes a folder there; move it or use another --data_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        for name in TOKENIZER_FILES:
+            if not (tmp / name).exists():
+                (out / name).unlink(missing_ok=True)
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_stats(folder: Path, stats: dict) -> None:
+    (folder / STATS).write_text(json.dumps(stats), encoding="utf-8")
+
+
+def tokens_per_char(dataset_dir: Path, split: str, meta: dict | None) -> float | None:
+    """Tokens per character of a split's text, as prepare measured it (stats.json); 1 for a character
+    vocabulary; None when unknown (a dataset prepared before stats.json, or by another program)."""
+    path = dataset_dir / STATS
+    if path.is_file():
+        try:
+            counts = json.loads(path.read_bytes().decode("utf-8"))[split]
+            return counts["tokens"] / counts["chars"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError):
+            raise DataError(f"{path} is not prepare's {{split: {{'tokens': N, 'chars': N}}}}: run prepare again, "
+                            "or delete it") from None
+    return 1.0 if kind(meta) == "char" else None
+
+
 def load_meta(dataset_dir: Path) -> dict | None:
-    """The character vocabulary, from meta.json or from a nanoGPT-prepared meta.pkl; None for GPT-2 BPE."""
+    """The tokenizer's meta (see tokenizers), from meta.json or from a nanoGPT-prepared meta.pkl; None for GPT-2
+    BPE. A sentencepiece meta.json names its model file, whose bytes the returned meta carries."""
     path = dataset_dir / "meta.json"
     if path.is_file():
         try:
@@ -109,7 +141,10 @@ def load_meta(dataset_dir: Path) -> dict | None:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{path} is not valid JSON ({e}): run prepare again, or delete it for GPT-2 BPE "
                             "data") from None
-        return _checked_meta(meta, path)
+        if isinstance(meta, dict) and "model_file" in meta:  # sentencepiece: the model is a file beside it
+            meta = {k: v for k, v in meta.items() if k != "model_file"} | {
+                "model": base64.b64encode(_read_model(dataset_dir / str(meta["model_file"]))).decode("ascii")}
+        return check_meta(meta, path)
     path = dataset_dir / "meta.pkl"
     if path.is_file():
         try:
@@ -121,20 +156,16 @@ def load_meta(dataset_dir: Path) -> dict | None:
         except Exception as e:  # a truncated or foreign pickle: any of pickle's many errors
             raise DataError(f"{path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e}): prepare the data "
                             "again") from None
-        return _checked_meta(meta, path)
+        return check_meta(meta, path)
     return None
 
 
-def _checked_meta(meta, path) -> dict:
-    """A vocabulary is {'vocab_size': n, 'itos': [n distinct one-character strings]}."""
-    ok = (isinstance(meta, dict) and type(meta.get("vocab_size")) is int and isinstance(meta.get("itos"), list)
-          and 0 < meta["vocab_size"] == len(meta["itos"]) <= MAX_TOKENS
-          and all(isinstance(c, str) and len(c) == 1 for c in meta["itos"])
-          and len(set(meta["itos"])) == len(meta["itos"]))
-    if not ok:
-        raise DataError(f"{path} is not a character vocabulary ({{'vocab_size': N, 'itos': [N distinct "
-                        "characters]}): run prepare again, or delete it for GPT-2 BPE data")
-    return meta
+def _read_model(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the dataset's sentencepiece model ({e.strerror}): run prepare "
+                        "again") from None
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -148,36 +179,15 @@ def check_vocabulary(model_meta, data_meta, dataset_dir):
     """The model and the dataset must use the same tokens: both GPT-2 BPE, or the same characters."""
     if model_meta == data_meta:
         return
+    names = {"char": "a character vocabulary", "word": "a word vocabulary", "sentencepiece": "a sentencepiece model"}
     if model_meta is None:
-        why = "the model reads GPT-2 BPE tokens but the dataset has its own character vocabulary (meta.json)"
+        why = f"the model reads GPT-2 BPE tokens but the dataset has {names[kind(data_meta)]} (meta.json)"
     elif data_meta is None:
-        why = "the model was trained on a character vocabulary but the dataset is GPT-2 BPE (no meta.json)"
+        why = f"the model was trained on {names[kind(model_meta)]} but the dataset is GPT-2 BPE (no meta.json)"
     else:
-        why = "the model's character vocabulary differs from the dataset's meta.json"
+        why = (f"the model's vocabulary ({names[kind(model_meta)]}) differs from the dataset's meta.json "
+               f"({names[kind(data_meta)]})")
     raise DataError(f"{dataset_dir}: {why}; use a dataset tokenized as the model was trained")
-
-
-class Tokenizer:
-    """Text <-> ids: the dataset's characters (meta.json) or GPT-2 BPE."""
-
-    def __init__(self, meta: dict | None):
-        if meta is None:
-            enc = gpt2_encoding()
-            self.vocab_size = enc.n_vocab
-            self.encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
-            self.decode = enc.decode
-        else:
-            itos = meta["itos"]
-            self.vocab_size = len(itos)
-            stoi = {ch: i for i, ch in enumerate(itos)}
-            self.encode = lambda s: [self._lookup(stoi, ch) for ch in s]
-            self.decode = lambda ids: "".join(itos[i] for i in ids)
-
-    @staticmethod
-    def _lookup(stoi, ch):
-        if ch not in stoi:
-            raise DataError(f"the character {ch!r} is not in this dataset's vocabulary")
-        return stoi[ch]
 
 
 def open_split(dataset_dir: Path, split: str):

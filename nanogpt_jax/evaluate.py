@@ -1,4 +1,4 @@
-"""Loss and perplexity of a model (a checkpoint or released GPT-2 weights) on a dataset split or a text file.
+"""Loss, perplexity and bits per character of a model (a checkpoint or released GPT-2 weights) on a dataset split or a text file.
 
 Two ways to pick the windows, both deterministic:
   eval_iters > 0   nanoGPT's estimate: eval_iters random batches of batch_size windows, chosen exactly as
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import data, parallel
 from .config import EvalConfig
 from .data import DataError
+from .tokenizers import Tokenizer
 from .load import crop, load_model
 from .model import GPTConfig, make_model
 from .step import eval_step
@@ -34,6 +35,9 @@ class EvalResult(NamedTuple):
     tokens: int  # predicted tokens
     batches: int
     source: str  # what was evaluated, for printing
+    # loss / ln 2 * tokens / characters of the text evaluated (the split's, as prepare counted them; the
+    # --input file's): bits per character of the source text, a scale that tokenizers share; None if unknown
+    bits_per_char: float | None = None
 
 
 def batches(tokens, block_size: int, batch_size: int, eval_iters: int, seed_key: tuple[int, ...] = (1337, 1)):
@@ -116,8 +120,9 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
             raise DataError(f"--input={cfg.input}: cannot read it ({e.strerror})") from None
         except UnicodeDecodeError:
             raise DataError(f"--input={cfg.input}: not UTF-8 text") from None
-        tokens = np.asarray(data.Tokenizer(meta).encode(text), np.int64)
+        tokens = np.asarray(Tokenizer(meta).encode(text), np.int64)
         source, split_id = cfg.input, 0
+        tokens_per_char = len(tokens) / len(text) if text else None
     else:
         dataset = cfg.dataset or train.get("dataset", "openwebtext")
         data_dir = cfg.data_dir or train.get("data_dir", "data")
@@ -125,6 +130,8 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
         tokens = data.open_split(dataset_dir, cfg.split)
         data.check_vocabulary(meta, data.load_meta(dataset_dir), dataset_dir)
         source, split_id = f"{dataset_dir} {cfg.split}", SPLITS.index(cfg.split)
+        tokens_per_char = data.tokens_per_char(dataset_dir, cfg.split, meta)
     batch_size = cfg.batch_size or train.get("batch_size", 12)
-    return evaluate(config, params, tokens, batch_size=batch_size, eval_iters=cfg.eval_iters,
-                    seed_key=(cfg.seed, split_id), progress=progress, source=source)
+    r = evaluate(config, params, tokens, batch_size=batch_size, eval_iters=cfg.eval_iters,
+                 seed_key=(cfg.seed, split_id), progress=progress, source=source)
+    return r._replace(bits_per_char=None if tokens_per_char is None else r.loss / math.log(2) * tokens_per_char)

@@ -55,7 +55,8 @@ def crop(config: GPTConfig, params, block_size: int):
 
 
 def folder_meta(name_or_path) -> dict | None:
-    """The character vocabulary an exported HF folder carries (meta.json); None means GPT-2 BPE."""
+    """The tokenizer an exported HF folder carries (meta.json: characters, words, sentencepiece); None means
+    GPT-2 BPE."""
     path = Path(str(name_or_path)).expanduser()
     return data.load_meta(path) if path.is_dir() else None
 

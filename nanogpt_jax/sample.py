@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from .config import SampleConfig, UserError
-from .data import Tokenizer
+from .tokenizers import Tokenizer
 from .generate import generate
 from .load import load_model
 

@@ -161,7 +161,7 @@ def test_key_space_value_equals_key_equals_value():
 
 def test_prepare_takes_its_dataset_as_a_bare_word_and_both_option_forms():
     cfg = parse(PrepareConfig, ["shakespeare_char", "--input", "a.txt", "--data_dir=d"], positional="dataset")
-    assert (cfg.dataset, cfg.input, cfg.data_dir) == ("shakespeare_char", "a.txt", "d")
+    assert (cfg.dataset, cfg.input, cfg.data_dir) == ("shakespeare_char", ("a.txt",), "d")
     with pytest.raises(ConfigError, match="unknown option --inptu.*did you mean --input"):
         parse(PrepareConfig, ["shakespeare", "--inptu=a.txt"], positional="dataset")
 

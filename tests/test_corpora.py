@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-from nanogpt_jax import cli, corpora
+from nanogpt_jax import cli, corpora, parallel
 from nanogpt_jax.config import TrainConfig, parse
 from nanogpt_jax.data import DataError, TokenShards, check_splits, open_split, read_windows
 from nanogpt_jax.evaluate import batches
@@ -27,7 +27,8 @@ HEADER_INTS = 256
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch):
-    """datasets' cache in tmp_path, its hub access off and every socket refused."""
+    """datasets' cache in tmp_path, its hub access off and every socket refused; JAX already runs in this
+    process, so the CLI's one-device-per-core setting is skipped."""
     def no_network(*_, **__):
         raise OSError("network refused in tests")
 
@@ -35,6 +36,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(parallel, "use_all_cpu_cores", lambda: None)
 
 
 def documents(n=50, seed=0):

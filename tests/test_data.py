@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import nanogpt_jax.data as data
-from nanogpt_jax.data import DataError, Tokenizer, get_batch, load_meta, open_split, prepare
+from nanogpt_jax.data import DataError, get_batch, load_meta, open_split, prepare
+from nanogpt_jax.tokenizers import Tokenizer
 
 
 def prepared_splits(folder, info, vocab_size, n_train, n_val):
