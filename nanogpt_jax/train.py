@@ -17,6 +17,7 @@ from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
 from .config import ConfigError, TrainConfig, UserError, options_set
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
+from .memory import param_count, refuse_unless_it_fits, training_bytes
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
 from .pretrained import from_pretrained
@@ -148,6 +149,16 @@ def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
                               "or train into a new --out_dir")
 
 
+def _refuse_too_big(cfg: TrainConfig, config: GPTConfig) -> None:
+    """Before anything is built: the state and one pass's activations must fit in the devices' memory."""
+    devices = cfg.num_devices or jax.device_count()
+    need = training_bytes(config, cfg.micro_batch_size or cfg.batch_size, devices, cfg.fsdp)
+    refuse_unless_it_fits(need, f"training {param_count(config):,} parameters (n_layer={config.n_layer}, n_embd="
+                          f"{config.n_embd}, block_size={config.block_size}) on {devices} device(s)",
+                          "use a smaller model or --block_size, a smaller --batch_size or --micro_batch_size, "
+                          "--remat=True, or --fsdp")
+
+
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     """(GPTConfig, params, base rng, iter_num, best_val_loss) for cfg.init_from; params and rng are
     None on resume (they are restored once the run's layout is known)."""
@@ -157,19 +168,23 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     if cfg.init_from == "scratch":
         refuse_existing_run(cfg.out_dir, "continue it with --init_from=resume, or train into a new --out_dir")
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
+        _refuse_too_big(cfg, config)
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
         record = ckpt.record(cfg.checkpoint)
         _refuse_other_architecture(cfg, record.config)
         data.check_vocabulary(record.meta, meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
-        return with_runtime(record.config, **runtime), None, None, record.iter_num, record.best_val_loss
+        config = with_runtime(record.config, **runtime)
+        _refuse_too_big(cfg, config)
+        return config, None, None, record.iter_num, record.best_val_loss
     refuse_existing_run(cfg.out_dir, "finetune into a new --out_dir")
     data.check_vocabulary(folder_meta(cfg.init_from), meta, dataset_dir)
     config, params = from_pretrained(cfg.init_from)
     config = with_runtime(config, **runtime)
     if cfg.block_size != config.block_size:
         config, params = crop(config, params, cfg.block_size)
+    _refuse_too_big(cfg, config)
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
 
 
