@@ -42,6 +42,8 @@ def run_prepare(argv):
     cfg = options(PrepareConfig, argv, positional="dataset")
     if not cfg.dataset:
         raise ConfigError("prepare needs a dataset: nanogpt-jax prepare shakespeare_char (or shakespeare)")
+    if os.path.isfile(cfg.data_dir):
+        raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give a folder to write {cfg.dataset}/ in")
     info = data.prepare(cfg.dataset, data_dir=cfg.data_dir, input_path=cfg.input)
     print(f"wrote {info['dir']}: vocab size {info['vocab_size']:,}, "
           f"train {info['train_tokens']:,} tokens, val {info['val_tokens']:,} tokens")

@@ -19,6 +19,9 @@ def read_start(start: str) -> str:
             return f.read()
     except OSError as e:
         raise UserError(f"--start={start}: cannot read {start[5:]} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--start={start}: {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, "
+                        "e.g. iconv -f latin1 -t utf-8") from None
 
 
 def sample(cfg: SampleConfig) -> list[str]:

@@ -277,8 +277,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out_dir={cfg.out_dir} is a file: give a folder (new or a run's)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out_dir) if jax.process_index() == 0 else None
+    if Path(cfg.data_dir).is_file():
+        raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give the folder holding {cfg.dataset}/")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out_dir) if jax.process_index() == 0 else None
+    except OSError as e:  # read-only or not ours: before anything is trained
+        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror}); give a folder you can "
+                          "write to") from e
     try:
         ckpt = Checkpointer(cfg.out_dir)
         stop = StopRequest()
