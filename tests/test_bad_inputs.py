@@ -36,19 +36,20 @@ def edited_folder(hf_small, tmp_path, edit_config=None, edit_tensors=None):
     (lambda c: {**c, "n_embd": -64}, "n_embd is -64, expected a positive integer"),
     (lambda c: {**c, "n_head": True}, "n_head is True, expected a positive integer"),
     (lambda c: [c], "holds a JSON list, not an object of GPT-2 options"),
-    (lambda c: {**c, "n_layer": 10**6}, "n_layer=1,000,000 but the tensors have 2"),
-    (lambda c: {**c, "vocab_size": 1000}, "vocab_size=1,000 but the tensors have 512"),
-    (lambda c: {**c, "n_positions": 4096}, "n_positions=4,096 but the tensors have 64"),
+    (lambda c: {**c, "n_layer": 10**6}, "config.json does not match model.safetensors: n_layer=1,000,000 but the "
+                                        "tensors have 2 layers"),
+    (lambda c: {**c, "vocab_size": 1000}, "wte.weight has shape [512, 64], the config implies [1000, 64]"),
+    (lambda c: {**c, "n_positions": 4096}, "wpe.weight has shape [64, 64], the config implies [4096, 64]"),
 ])
 def test_a_config_json_that_is_not_gpt2_or_disagrees_with_its_tensors(hf_small, tmp_path, run_cli, edit, fragment):
     """Each is one line from `sample`, in well under a second of work: a million layers are not traced."""
     folder = edited_folder(hf_small, tmp_path, edit_config=edit)
     start = time.perf_counter()
-    with pytest.raises(PretrainedError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(PretrainedError) as e:
         from_pretrained(folder)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 5 and fragment in str(e.value)
     code, out, err = run_cli("sample", f"--init_from={folder}")
-    assert_one_error_line(code, out, err, str(folder / "config.json"), fragment)
+    assert code == 2 and out == "" and err.startswith("error: ") and fragment in err, err
 
 
 def test_truncated_and_integer_weights_are_refused(hf_small, tmp_path, run_cli):
