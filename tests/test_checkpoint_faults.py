@@ -184,6 +184,7 @@ def test_resume_refuses_a_damaged_latest_then_resumes_from_best(small_run, tmp_p
     assert losses(copy)[2] == losses(out)[2] and sorted(losses(copy)) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_subprocess_prints_one_line_for_a_deleted_manifest(small_run, tmp_path):
     """The real command, where orbax's thread logs and tensorstore's late callbacks would print: one line."""
     copy, step_dir = damaged_copy(small_run, tmp_path, "manifest deleted")
@@ -196,6 +197,7 @@ def test_a_subprocess_prints_one_line_for_a_deleted_manifest(small_run, tmp_path
 # ------------------------------------------------------------------------------------------- failed writes
 
 
+@pytest.mark.slow
 def test_a_write_error_during_a_save_keeps_the_previous_checkpoint(char_data, tmp_path, run_cli, monkeypatch):
     """Disk full (simulated: the record's write raises ENOSPC inside orbax's temporary folder, after the arrays
     are written): one line naming the save and the kept checkpoint, no temporary folder left, and the run
@@ -228,6 +230,7 @@ def test_a_write_error_during_a_save_keeps_the_previous_checkpoint(char_data, tm
 # ------------------------------------------------------------------------------------ kills between saves
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_latest_and_best_saves_is_repaired_on_resume(char_data, tmp_path, monkeypatch):
     """The run dies after `latest` is written and before `best` is: best is behind its record. Resuming saves
     best again from latest (the same state), so best holds the record's best iteration."""
@@ -261,6 +264,7 @@ def test_a_kill_between_the_latest_and_best_saves_is_repaired_on_resume(char_dat
     assert_trees_equal(best_params, latest_params)
 
 
+@pytest.mark.slow
 def test_the_last_iteration_is_saved_when_eval_interval_passes_it(char_data, tmp_path):
     """eval_interval > max_iters: the last iteration is evaluated and saved, and the log says why."""
     data_dir, _ = char_data
