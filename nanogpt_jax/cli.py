@@ -53,6 +53,8 @@ def run_prepare(argv):
     known = (*data.DATASETS, *corpora.CORPORA, "text")
     if cfg.dataset not in known:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: prepare knows {', '.join(known)}")
+    if os.path.isfile(cfg.data_dir):
+        raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give a folder to write {cfg.dataset}/ in")
     if cfg.dataset == "text":
         info = textdata.prepare_text(cfg.input, cfg.name, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                      val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)

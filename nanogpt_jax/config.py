@@ -35,6 +35,7 @@ class TrainConfig:
     eval_only: bool = False
     always_save_checkpoint: bool = True  # if False, save only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume', or a GPT-2 name / HF folder
+    checkpoint: str = "latest"  # init_from='resume' continues from 'latest', or from 'best' (e.g. latest is damaged)
     # data
     dataset: str = "openwebtext"
     data_dir: str = "data"
@@ -88,6 +89,8 @@ class TrainConfig:
                   "batch_size", "block_size", "n_layer", "n_head", "n_embd")
         _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "process_id")
         _at_least(self, 1, "fsdp", "num_processes")
+        if self.checkpoint not in ("latest", "best"):
+            raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
         if self.parallel not in ("mesh", "pmap"):
             raise ConfigError(f"--parallel={self.parallel}: use mesh or pmap")
         if self.parallel == "pmap" and self.fsdp > 1:

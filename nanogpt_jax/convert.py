@@ -18,7 +18,7 @@ from .checkpoint import Checkpointer, RunRecord, refuse_existing_run
 from .config import ConfigError, ConvertConfig, TrainConfig, UserError
 from .load import abstract_params, folder_meta, load_run
 from .optim import make_optimizer
-from .pretrained import PretrainedError, from_pretrained, save_pretrained
+from .pretrained import PretrainedError, from_pretrained, refuse_existing_model, save_pretrained
 
 META_FILE = "meta.json"
 
@@ -47,6 +47,7 @@ def export_hf(out_dir: str, hf_dir: str, kind: str = "latest") -> str:
     """out_dir's latest (or best) checkpoint -> an HF folder GPT2LMHeadModel.from_pretrained loads."""
     if Path(hf_dir).exists() and not Path(hf_dir).is_dir():
         raise ConvertError(f"--hf_dir={hf_dir} is a file; give a folder to write config.json and model.safetensors in")
+    refuse_existing_model(hf_dir, "export into a new --hf_dir, or delete its files first")
     config, params, record = load_run(out_dir, kind)
     if config.model == "gpt" and not config.bias:
         config, params = with_zero_biases(config, params)

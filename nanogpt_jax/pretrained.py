@@ -21,6 +21,7 @@ from huggingface_hub import constants, hf_hub_download
 from safetensors import safe_open
 
 from .config import UserError
+from .memory import param_count, refuse_unless_it_fits
 from .model import DTYPES, GPTConfig, init_params
 
 _SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -44,6 +45,9 @@ _HF_FIXED = {
     "reorder_and_upcast_attn": (False,),
     "add_cross_attention": (False,),
 }
+
+
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "n_ctx", "vocab_size", "n_inner")
 
 
 class PretrainedError(UserError):
@@ -158,6 +162,12 @@ def _read_config(config_path: Path, dtype: str) -> GPTConfig:
         cfg = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise PretrainedError(f"cannot read {config_path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise PretrainedError(f"{config_path} holds a JSON {type(cfg).__name__}, not an object of GPT-2 options")
+    bad = [f"{k} is {cfg[k]!r}, expected a positive integer" for k in SIZE_KEYS
+           if k in cfg and (type(cfg[k]) is not int or cfg[k] < 1) and not (k == "n_inner" and cfg[k] is None)]
+    if bad:
+        raise PretrainedError(f"{config_path} is not a GPT-2 config this model can run: " + "; ".join(bad))
     problems = [f"{k} is {cfg[k]!r}, expected {' or '.join(map(repr, ok))}"
                 for k, ok in _HF_FIXED.items() if k in cfg and cfg[k] not in ok]
     block_size = cfg.get("n_positions", cfg.get("n_ctx"))  # n_ctx: the name in older GPT-2 configs
@@ -175,8 +185,9 @@ def _read_config(config_path: Path, dtype: str) -> GPTConfig:
 
 
 def _read_params(config: GPTConfig, weights_path: Path) -> dict:
-    layout = hf_layout(config)
     shapes, read = _open_weights(weights_path)
+    _check_layers(config, shapes, weights_path)
+    layout = hf_layout(config)
 
     # Check names and shapes from the header first: a wrong file fails before gigabytes are read.
     found, problems = {}, []  # found: HF name -> key in the file
@@ -199,6 +210,8 @@ def _read_params(config: GPTConfig, weights_path: Path) -> dict:
             f"{weights_path} does not fit GPT-2 with n_layer={config.n_layer}, n_head={config.n_head}, "
             f"n_embd={config.n_embd}, block_size={config.block_size}, vocab_size={config.vocab_size} "
             f"(from config.json):\n  " + "\n  ".join(shown))
+    refuse_unless_it_fits(4 * param_count(config), f"loading {weights_path} ({param_count(config):,} parameters)",
+                          "load it on a machine with more memory")
 
     # One tensor at a time: converted to float32, copied into a jax array, and the host copy dropped, so
     # loading holds the growing tree plus one tensor, never two copies of the model.
@@ -212,11 +225,26 @@ def _read_params(config: GPTConfig, weights_path: Path) -> dict:
     return params
 
 
+def _check_layers(config: GPTConfig, shapes: dict, weights_path: Path) -> None:
+    """config.json's n_layer against the file's layers, from the header: the layout check below builds the model
+    abstractly, which for a config claiming a million layers would trace for minutes."""
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))}
+    found = max(layers) + 1 if layers else 0
+    if found != config.n_layer:
+        raise PretrainedError(f"{weights_path.parent / 'config.json'} does not match {weights_path.name}: "
+                              f"n_layer={config.n_layer:,} but the tensors have {found:,} layers")
+
+
 def _open_weights(path: Path):
     """({key: shape}, read(key) -> np.ndarray) for a .safetensors or a torch pytorch_model.bin file."""
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="np") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="np") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types, and OSError
+            raise PretrainedError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from e
+        _refuse_integer_tensors(path, dtypes)
 
         def read(key):
             # Reopen per tensor: safe_open memory-maps the file and every page a read touches stays in our
@@ -230,9 +258,35 @@ def _open_weights(path: Path):
     except ImportError as e:
         raise PretrainedError(f"{path} is a torch file and torch is not installed: pip install torch, or "
                               "use the model.safetensors of the same model (no torch needed)") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise PretrainedError(f"{path} is not a readable torch file (truncated or damaged?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedError(f"{path} does not hold a state dict of tensors")
+    _refuse_integer_tensors(path, {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()
+                                   if not v.is_floating_point()})
     # pop: each torch tensor is freed once its float32 copy is in the tree.
     return {k: tuple(v.shape) for k, v in state.items()}, lambda key: state.pop(key).float().numpy()
+
+
+def _refuse_integer_tensors(path: Path, dtypes: dict) -> None:
+    """GPT-2's weights are floating point; integer or boolean ones (quantized, or not weights) would load as
+    numbers that mean something else."""
+    wrong = sorted(k for k, d in dtypes.items() if not re.fullmatch(r"(F|BF)\d+|float\d*|bfloat16|half|double", d)
+                   and not _NOT_PARAMS.fullmatch(k.removeprefix("transformer.")))
+    if wrong:
+        raise PretrainedError(f"{path} holds non-floating-point tensors ({wrong[0]} is {dtypes[wrong[0]]}"
+                              f"{f', and {len(wrong) - 1} more' if len(wrong) > 1 else ''}): GPT-2 weights are floats")
+
+
+def refuse_existing_model(folder, what: str) -> None:
+    """An export never writes over a folder that holds a model's files."""
+    present = [name for name in ("config.json", "model.safetensors", "pytorch_model.bin")
+               if (Path(folder) / name).exists()]
+    if present:
+        raise PretrainedError(f"{folder} already holds a model ({', '.join(present)}): {what}")
 
 
 # -------------------------------------------------------------------------------------------------- saving

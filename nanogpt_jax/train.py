@@ -18,6 +18,7 @@ from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
 from .config import ConfigError, TrainConfig, UserError, options_set
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
+from .memory import param_count, refuse_unless_it_fits, training_bytes
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
 from .pretrained import from_pretrained
@@ -66,11 +67,11 @@ class Run:
         state = TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
         return parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state
 
-    def restore_state(self, ckpt: Checkpointer) -> tuple[TrainState, jax.Array]:
-        """(train state, base rng) of the latest checkpoint, restored straight onto the step's placement."""
+    def restore_state(self, ckpt: Checkpointer, kind: str = "latest") -> tuple[TrainState, jax.Array]:
+        """(train state, base rng) of the latest (or best) checkpoint, restored straight onto the step's placement."""
         optimizer = {"opt_state": self.abstract_state.opt_state,
                      "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=parallel.replicated(self.mesh))}
-        restored = ckpt.restore("latest", params=self.abstract_state.params, optimizer=optimizer)
+        restored = ckpt.restore(kind, params=self.abstract_state.params, optimizer=optimizer)
         state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
         return (parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state), restored["optimizer"]["rng"]
 
@@ -78,9 +79,9 @@ class Run:
         """The state as checkpoints and evaluation take it: one copy, without pmap's device axis."""
         return parallel.unstack_from_pmap(self.mesh, state) if self.layout.pmap else state
 
-    def record(self, iter_num: int, best_val_loss: float) -> RunRecord:
+    def record(self, iter_num: int, best_val_loss: float, best_iter: int | None) -> RunRecord:
         return RunRecord(train=dataclasses.asdict(self.cfg), model=dataclasses.asdict(self.config),
-                         meta=self.meta, iter_num=iter_num, best_val_loss=best_val_loss)
+                         meta=self.meta, iter_num=iter_num, best_val_loss=best_val_loss, best_iter=best_iter)
 
     def _put(self, split: str, starts: np.ndarray, sharding):
         """Global (x, y) arrays of windows at `starts`; each process reads only its own devices' rows."""
@@ -149,6 +150,16 @@ def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
                               "or train into a new --out_dir")
 
 
+def _refuse_too_big(cfg: TrainConfig, config: GPTConfig) -> None:
+    """Before anything is built: the state and one pass's activations must fit in the devices' memory."""
+    devices = cfg.num_devices or jax.device_count()
+    need = training_bytes(config, cfg.micro_batch_size or cfg.batch_size, devices, cfg.fsdp)
+    refuse_unless_it_fits(need, f"training {param_count(config):,} parameters (n_layer={config.n_layer}, n_embd="
+                          f"{config.n_embd}, block_size={config.block_size}) on {devices} device(s)",
+                          "use a smaller model or --block_size, a smaller --batch_size or --micro_batch_size, "
+                          "--remat=True, or --fsdp")
+
+
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     """(GPTConfig, params, base rng, iter_num, best_val_loss) for cfg.init_from; params and rng are
     None on resume (they are restored once the run's layout is known)."""
@@ -158,20 +169,36 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     if cfg.init_from == "scratch":
         refuse_existing_run(cfg.out_dir, "continue it with --init_from=resume, or train into a new --out_dir")
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
+        _refuse_too_big(cfg, config)
         return config, init_params(config, jax.random.PRNGKey(cfg.seed)), jax.random.PRNGKey(cfg.seed), 0, math.inf
     if cfg.init_from == "resume":
-        record = ckpt.record("latest")
+        record = ckpt.record(cfg.checkpoint)
         _refuse_other_architecture(cfg, record.config)
         data.check_vocabulary(record.meta, meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
-        return with_runtime(record.config, **runtime), None, None, record.iter_num, record.best_val_loss
+        config = with_runtime(record.config, **runtime)
+        _refuse_too_big(cfg, config)
+        return config, None, None, record.iter_num, record.best_val_loss
     refuse_existing_run(cfg.out_dir, "finetune into a new --out_dir")
     data.check_vocabulary(folder_meta(cfg.init_from), meta, dataset_dir)
     config, params = from_pretrained(cfg.init_from)
     config = with_runtime(config, **runtime)
     if cfg.block_size != config.block_size:
         config, params = crop(config, params, cfg.block_size)
+    _refuse_too_big(cfg, config)
     return config, params, jax.random.PRNGKey(cfg.seed), 0, math.inf
+
+
+def _repair_best(ckpt: Checkpointer, run: Run, state, rng, record: RunRecord, log) -> None:
+    """A kill between the `latest` and `best` saves of one evaluation leaves `best` older than the record says;
+    `latest` holds that evaluation's state, so it is saved as `best` again."""
+    if record.best_iter is None or record.best_iter != record.iter_num:
+        return
+    if (ckpt.latest_step("best") or -1) < record.iter_num:
+        saved = run.saved_state(state)
+        ckpt.save("best", record.iter_num, saved.params, saved.opt_state, rng, record)
+        log(f"saved the best checkpoint of iteration {record.iter_num} again: the run had stopped between its "
+            "latest and best saves")
 
 
 class StopRequest:
@@ -259,9 +286,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
     out_dir = epath.Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out_dir={cfg.out_dir} is a file: give a folder (new or a run's)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A bucket has no exclusive create: two runs into one gs:// out_dir are not detected.
-    lock = RunLock(Path(out_dir)) if jax.process_index() == 0 and not on_object_store(out_dir) else None
+    if Path(cfg.data_dir).is_file():
+        raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give the folder holding {cfg.dataset}/")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A bucket has no exclusive create: two runs into one gs:// out_dir are not detected.
+        lock = RunLock(Path(out_dir)) if jax.process_index() == 0 and not on_object_store(out_dir) else None
+    except OSError as e:  # read-only or not ours: before anything is trained
+        raise ConfigError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror}); give a folder you can "
+                          "write to") from e
     try:
         ckpt = Checkpointer(cfg.out_dir)
         stop = StopRequest()
@@ -279,8 +312,17 @@ def _train(cfg, ckpt, out_dir, log, stop):
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
     data.check_splits(Path(cfg.data_dir) / cfg.dataset, run.splits, config.block_size, config.vocab_size)
+    best_iter = None
     if params is None:
-        state, rng = run.restore_state(ckpt)
+        state, rng = run.restore_state(ckpt, cfg.checkpoint)
+        record = ckpt.record(cfg.checkpoint)
+        best_iter = record.best_iter
+        if cfg.checkpoint == "best":
+            for moved in ckpt.set_aside("latest", after=iter_num):  # later saves would collide with them
+                log(f"resuming from the best checkpoint (iteration {iter_num}): moved the later latest checkpoint "
+                    f"to {moved}")
+        else:
+            _repair_best(ckpt, run, state, rng, record, log)
     else:
         state, rng = run.init_state(params), parallel.put_replicated(run.mesh, rng)
     start_iter = iter_num
@@ -297,7 +339,11 @@ def _train(cfg, ckpt, out_dir, log, stop):
         last = {}
         t0, timed, in_flight, n_skipped = time.perf_counter(), 0, None, None
         while True:
-            if iter_num % cfg.eval_interval == 0 or cfg.eval_only:
+            last_iter = iter_num == cfg.max_iters and iter_num > start_iter
+            if last_iter and iter_num % cfg.eval_interval:
+                log(f"iteration {iter_num} is the last (max_iters): evaluating and saving it, though eval_interval="
+                    f"{cfg.eval_interval} does not fall on it")
+            if iter_num % cfg.eval_interval == 0 or cfg.eval_only or last_iter:
                 saved = run.saved_state(state)
                 losses = run.estimate_loss(saved.params, iter_num)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -306,10 +352,13 @@ def _train(cfg, ckpt, out_dir, log, stop):
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
-                    record = run.record(iter_num, best_val_loss)
+                    # best_iter says what `best` is about to hold: a kill between the two saves is repaired on
+                    # resume (_repair_best), since `latest` holds the same state
+                    record = run.record(iter_num, best_val_loss, iter_num if improved else best_iter)
                     ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, record)
                     if improved:
                         ckpt.save("best", iter_num, saved.params, saved.opt_state, rng, record)
+                        best_iter = iter_num
                     log(f"saving checkpoint to {out_dir}")
                 last = losses
                 t0, timed = time.perf_counter(), 0  # evaluation time is not step time
@@ -342,7 +391,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
             iter_num += 1
             if stop.after(iter_num):  # the step is done: save it as an evaluation would, and stop
                 saved = run.saved_state(state)
-                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, run.record(iter_num, best_val_loss))
+                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, run.record(iter_num, best_val_loss, best_iter))
                 log(f"{stop.signal}: saved iteration {iter_num} to {out_dir}; continue with the same options "
                     f"and --init_from=resume")
                 break

@@ -108,25 +108,28 @@ def test_best_and_latest_semantics(char_data, tmp_path, monkeypatch, spy_saves, 
 def test_record_reads_back_field_for_field():
     """A record written by this version reads back equal, its model fields as the GPTConfig."""
     data = record_json()
-    assert data["version"] == RECORD_VERSION == 1
+    assert data["version"] == RECORD_VERSION == 2
     record = RunRecord.from_json(data, "somewhere")
     assert dataclasses.asdict(record) == data
     assert record.config == TINY
 
 
 def test_record_without_a_version_reads_as_version_1():
-    """Records written before the version field existed are version 1."""
+    """Records written before the version field existed are version 1, as are those without best_iter and
+    checksums (version 2's fields): they read with both None."""
     data = record_json()
-    del data["version"]
+    for key in ("version", "best_iter", "checksums"):
+        del data[key]
     record = RunRecord.from_json(data, "somewhere")
     assert record.version == 1
-    assert dataclasses.asdict(record) == record_json()
+    assert dataclasses.asdict(record) == {**record_json(), "version": 1}
+    assert record.best_iter is None and record.checksums is None
 
 
 @pytest.mark.parametrize("changes, named", [
-    ({"version": 2}, ["record version 2"]),
-    ({"optimizer": "lion"}, ["record version 1", "'optimizer'"]),
-    ({"model": {**dataclasses.asdict(TINY), "rope": True}}, ["record version 1", "'rope'"]),
+    ({"version": 3}, ["record version 3"]),
+    ({"optimizer": "lion"}, ["record version 2", "'optimizer'"]),
+    ({"model": {**dataclasses.asdict(TINY), "rope": True}}, ["record version 2", "'rope'"]),
 ])
 def test_a_newer_record_is_refused_in_one_line(changes, named):
     """A newer version, or a field this version does not know (top level or model), is a CheckpointError: one
@@ -141,12 +144,12 @@ def test_a_newer_record_is_refused_in_one_line(changes, named):
 
 
 def test_a_newer_record_on_disk_is_refused_by_every_reader(tmp_path, run_cli):
-    """A checkpoint whose record says version 2: load_run refuses it, and `sample` prints one error line."""
-    save_tiny(tmp_path, RunRecord(**{**record_json(), "version": 2}))
-    with pytest.raises(CheckpointError, match="record version 2"):
+    """A checkpoint whose record says version 3: load_run refuses it, and `sample` prints one error line."""
+    save_tiny(tmp_path, RunRecord(**{**record_json(), "version": 3}))
+    with pytest.raises(CheckpointError, match="record version 3"):
         load_run(str(tmp_path))
     code, out, err = run_cli("sample", f"--out_dir={tmp_path}")
-    assert_one_error_line(code, out, err, "record version 2", "upgrade nanogpt-jax")
+    assert_one_error_line(code, out, err, "record version 3", "upgrade nanogpt-jax")
 
 
 # -------------------------------------------------------------------------------------- existing runs

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanogpt_jax"
 LAYERS = [
     {"config"},
     {"model"},
-    {"assets", "tracking"},
+    {"assets", "tracking", "memory"},
     {"tokenizers"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
     {"load", "corpora", "textdata"},

@@ -1,0 +1,78 @@
+"""Memory estimates before anything is built: the parameter count against the built model's, the training and
+sampling estimates against a naive sum, and absurd sizes refused in one line with both figures."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO, assert_one_error_line, nanogpt_num_params
+from nanogpt_jax import memory
+from nanogpt_jax.model import GPTConfig, init_params, num_params
+
+
+@pytest.mark.parametrize("config", [
+    GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=False),
+    GPTConfig(block_size=8, vocab_size=11, n_layer=3, n_head=1, n_embd=8, bias=True),
+    GPTConfig(block_size=8, vocab_size=11, model="bigram"),
+])
+def test_param_count_is_the_built_models(config):
+    """The count from the config alone equals the initialised params' (and nanoGPT's formula for the GPT)."""
+    built = num_params(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))), non_embedding=False)
+    assert memory.param_count(config) == built
+    if config.model == "gpt":
+        assert built == nanogpt_num_params(config.vocab_size, config.block_size, config.n_layer, config.n_embd,
+                                           config.bias, non_embedding=False)
+
+
+def test_estimates_add_up_what_must_be_held():
+    """Training: 16 bytes per parameter on each data-parallel replica (1/fsdp of it per device) plus activations,
+    which grow with the rows and the layers (one layer's with remat); sampling: params, cache and ids."""
+    c = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dtype="float32")
+    n = memory.param_count(c)
+    act = memory.activation_bytes(c, 4)
+    # a naive recount: per token 17 * C activations and N * T attention probabilities per layer, float32 logits
+    per_layer = 4 * 16 * (17 * 32 + 2 * 16) * 4
+    assert act == 2 * per_layer + 2 * 4 * 4 * 16 * 65
+    assert memory.activation_bytes(dataclasses.replace(c, remat=True), 4) == per_layer + 2 * 4 * 4 * 16 * 65
+    assert memory.activation_bytes(c, 8) == 2 * act
+    assert memory.training_bytes(c, 4, devices=2, fsdp=1) == 2 * 16 * n + act
+    assert memory.training_bytes(c, 4, devices=2, fsdp=2) == 16 * n + act
+    ids = 3 * (5 + 7)
+    assert memory.generate_bytes(c, 3, 5, 7) == 4 * n + 2 * 2 * 3 * 16 * 32 * 4 + ids * 16 + 7 * 8
+    assert memory.host_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") > 2**30
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--n_layer=1000000"], ["training 3,104,017,440 parameters", "n_layer=1000000", "GiB of memory and this machine has"]),
+    (["train", "--block_size=1000000000"], ["block_size=1000000000", "GiB of memory and this machine has"]),
+])
+def test_absurd_training_sizes_are_refused_before_building(char_data, tmp_path, run_cli, args, fragments):
+    """In seconds, before any parameter exists, and nothing is written but the empty run folder."""
+    data_dir, _ = char_data
+    code, out, err = run_cli(*args, "--dataset=shakespeare_char", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                             "--n_head=1", "--n_embd=16", "--batch_size=2")
+    assert_one_error_line(code, out, err, *fragments)
+    assert not list((tmp_path / "checkpoints").rglob("[0-9]*"))
+
+
+def test_sampling_a_billion_tokens_is_refused(char_run, run_cli):
+    """10 x 10**9 new tokens: their ids alone exceed any host this runs on (the context is cropped, so the
+    model's own memory stays bounded: it is the output that does not fit)."""
+    out, _ = char_run
+    code, stdout, err = run_cli("sample", f"--out_dir={out}", "--max_new_tokens=1000000000")
+    assert_one_error_line(code, stdout, err, "sampling 10 x 1,000,000,000 new tokens needs about",
+                          "lower --max_new_tokens or --num_samples")
+
+
+def test_the_command_refuses_a_million_layers_in_seconds(char_data, tmp_path):
+    """The real command line: it used to trace a million layers for minutes before failing."""
+    data_dir, _ = char_data
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_jax.cli", "train", "--n_layer=1000000", "--n_head=1",
+                           "--n_embd=16", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "n_layer=1000000", "GiB of memory")
