@@ -133,17 +133,20 @@ def _why(e: BaseException) -> str:
 
 
 class _OrbaxFailureNoise(logging.Filter):
-    """orbax logs a failed save or restore with tracebacks from its threads, and tensorstore's reads left behind
-    by a failed restore call back into orbax's closed event loop, each an unraisable 'Event loop is closed'.
-    The Checkpointer reports such a failure itself, once, as one line: these are dropped."""
+    """orbax logs a failed save or restore with tracebacks from its threads; the reads a failed restore leaves
+    behind end as unraisable exceptions: 'Event loop is closed' from tensorstore's callbacks, and the errors of
+    orbax's own read coroutines, which nobody awaits any more. The Checkpointer reports such a failure itself,
+    once, as one line: these are dropped."""
 
     def filter(self, record):
         return record.levelno < logging.ERROR or ORBAX_DIR not in record.pathname
 
     def unraisable(self, previous):
         def hook(unraisable):
-            if not (isinstance(unraisable.exc_value, RuntimeError)
-                    and str(unraisable.exc_value) == "Event loop is closed"):
+            closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                           and str(unraisable.exc_value) == "Event loop is closed")
+            code = getattr(unraisable.object, "cr_code", None)  # an abandoned coroutine's code
+            if not (closed_loop or (code is not None and code.co_filename.startswith(ORBAX_DIR))):
                 previous(unraisable)
 
         hook.orbax_noise = True

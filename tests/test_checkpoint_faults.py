@@ -107,6 +107,11 @@ def truncate(step_dir):
     os.truncate(path, path.stat().st_size // 3)
 
 
+def truncate_all(step_dir):
+    for path in (step_dir / "params").rglob("d/*"):
+        os.truncate(path, path.stat().st_size // 4)
+
+
 def flip_64_bytes(step_dir):
     path = biggest_data_file(step_dir)
     data = bytearray(path.read_bytes())
@@ -124,6 +129,7 @@ def empty_record(step_dir):
 
 
 DAMAGES = {"truncated": (truncate, "truncated, garbled or incomplete"),
+           "all truncated": (truncate_all, "truncated, garbled or incomplete"),
            "64 bytes flipped": (flip_64_bytes, "checksum mismatch"),
            "manifest deleted": (delete_manifest, "truncated, garbled or incomplete"),
            "empty record": (empty_record, "truncated, garbled or incomplete")}
@@ -185,9 +191,11 @@ def test_resume_refuses_a_damaged_latest_then_resumes_from_best(small_run, tmp_p
 
 
 @pytest.mark.slow
-def test_a_subprocess_prints_one_line_for_a_deleted_manifest(small_run, tmp_path):
-    """The real command, where orbax's thread logs and tensorstore's late callbacks would print: one line."""
-    copy, step_dir = damaged_copy(small_run, tmp_path, "manifest deleted")
+@pytest.mark.parametrize("damage", ["manifest deleted", "all truncated"])
+def test_a_subprocess_prints_one_line_for_a_damaged_checkpoint(small_run, tmp_path, damage):
+    """The real command, where orbax's thread logs, tensorstore's late callbacks and orbax's abandoned read
+    coroutines would print: one line."""
+    copy, step_dir = damaged_copy(small_run, tmp_path, damage)
     proc = subprocess.run([sys.executable, "-m", "nanogpt_jax.cli", "sample", f"--out_dir={copy}",
                            "--checkpoint=latest"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
