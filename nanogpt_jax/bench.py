@@ -327,7 +327,11 @@ class TorchDecode:
 
 
 def alternate(sides: list, rounds: int, n: int) -> dict[str, list[float]]:
-    """Seconds per iteration of each side, round by round: side 1, side 2, ..., then again."""
+    """Seconds per iteration of each side, round by round: side 1, side 2, ..., then again; after an untimed
+    warm-up of min(n, 3) iterations each (the first steps after compiling run up to 2x slower: first-touch
+    page faults, thread pools waking; leaving them in a short sample made `bench` read slower than `train`)."""
+    for side in sides:
+        side(min(n, 3))
     times = {side.name: [] for side in sides}
     for _ in range(rounds):
         for side in sides:
