@@ -63,8 +63,8 @@ def gb(side: dict) -> str:
     return f"{side['peak_device_gb']:.2f}" if "peak_device_gb" in side else ""
 
 
-def speed(r: dict) -> str:
-    if r["bench"] == "train":
+def speed(r: dict, bench: str) -> str:
+    if bench == "train":
         return f"{r['ms_per_iter']:,.1f} ms/iter, {r['tokens_per_sec']:,.0f} tok/s"
     return f"{r['tokens_per_sec']:,.1f} tok/s ({r['ms_per_call']:,.0f} ms/call)"
 
@@ -82,7 +82,7 @@ def row(name: str, r: dict) -> str:
     if "error" in r:
         return f"| {name} | | error: {r['error']} | | | | | |"
     t = r.get("torch")
-    ours, theirs = speed(r), (f"{speed(t)} ({t['name']})" if t else "")
+    ours, theirs = speed(r, r["bench"]), (f"{speed(t, r['bench'])} ({t['name']})" if t else "")
     ratio = f"{r['ratio']:.2f}x" if t else ""
     if r["bench"] == "generate" and t:
         ratio += ", same tokens" if r["same_tokens"] else f", tokens differ from #{r['first_different_token']}"
