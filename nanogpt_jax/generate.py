@@ -86,7 +86,8 @@ def _generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, te
     # Phase 1 (the sequence fits): prefill, then one cached step per token, up to token index S.
     n_cached = min(S - T0 + 1, max_new_tokens) if T0 <= S else 0
     if n_cached > 0:
-        logits, cache = apply(tokens[:, :T0], cache=init_cache(config, B), pos=0)
+        # The cache holds only the positions this call fills: every decode step reads all of it.
+        logits, cache = apply(tokens[:, :T0], cache=init_cache(config, B, min(total, S)), pos=0)
         tokens = tokens.at[:, T0].set(sample(logits[:, -1], keys[0]))
 
         def cached_step(carry, i):  # feeds the token at position T0 + i, samples the one after it

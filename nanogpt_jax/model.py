@@ -40,7 +40,7 @@ class GPTConfig:
         return self.model == "gpt"
 
 
-# A key/value cache: one (k, v) pair per layer, each (B, S, n_head, head_size), S = block_size.
+# A key/value cache: one (k, v) pair per layer, each (B, S, n_head, head_size), S <= block_size positions.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
@@ -183,11 +183,13 @@ def init_params(config: GPTConfig, key: jax.Array):
     return make_model(config).init(key, dummy)["params"]
 
 
-def init_cache(config: GPTConfig, batch_size: int) -> KVCache:
-    """An empty key/value cache holding block_size positions (the bigram model needs none)."""
+def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> KVCache:
+    """An empty key/value cache holding `length` positions (default block_size; the bigram model needs
+    none). Decoding attends over every position of the cache, so a cache no longer than the sequence is
+    less to read per token."""
     if not config.has_attention:
         return ()
-    shape = (batch_size, config.block_size, config.n_head, config.n_embd // config.n_head)
+    shape = (batch_size, length or config.block_size, config.n_head, config.n_embd // config.n_head)
     return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
                  for _ in range(config.n_layer))
 

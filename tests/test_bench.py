@@ -1,16 +1,19 @@
 """The benchmarks' smallest cases run and report consistent numbers (never timed against a threshold): this keeps
-`nanogpt-jax bench` and scripts/bench.py working."""
+`nanogpt-jax bench`, its `--compare=torch` reference and scripts/bench.py working."""
 
 import math
+from pathlib import Path
 
 import jax
 import pytest
 
 from conftest import nanogpt_num_params
-from nanogpt_jax.bench import bench
-from nanogpt_jax.config import BenchConfig
+from nanogpt_jax import bench as bench_module
+from nanogpt_jax.bench import DECODE_SHAPES, TRAIN_SHAPES, bench, side_args
+from nanogpt_jax.config import BenchConfig, parse, run_config_file
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dtype="float32")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def positive(x) -> bool:
@@ -20,19 +23,81 @@ def positive(x) -> bool:
 @pytest.mark.slow
 def test_bench_train_smallest_case():
     """One timed step of a 1-layer model: finite positive ms and tokens/s that agree with each other, the
-    batch and parameter count of the options given."""
-    r = bench(BenchConfig(bench="train", steps=1, batch_size=2, gradient_accumulation_steps=2, **TINY))
+    batch and parameter count of the options given, FLOPs of nanoGPT's formula."""
+    r = bench(BenchConfig(bench="train", steps=1, rounds=1, batch_size=2, gradient_accumulation_steps=2, **TINY))
     assert (r["bench"], r["batch"], r["micro_batch"], r["devices"]) == ("train", "2x2x8", 2, 1)
     assert positive(r["ms_per_iter"]) and positive(r["tokens_per_sec"]) and positive(r["compile_s"])
     assert r["tokens_per_sec"] * r["ms_per_iter"] / 1000 == pytest.approx(2 * 2 * 8)
-    assert r["params_M"] * 1e6 == pytest.approx(nanogpt_num_params(11, 8, 1, 16, bias=False))
+    n = nanogpt_num_params(11, 8, 1, 16, bias=False)
+    assert r["params_M"] * 1e6 == pytest.approx(n)
+    assert r["flops_per_iter_formula"] == (6 * n + 12 * 1 * 2 * 8 * 8) * 2 * 2 * 8  # nanoGPT's estimate_mfu
+    assert positive(r["flops_per_iter_xla"]) and math.isfinite(r["loss"])
     assert r["device"] == jax.devices()[0].device_kind and positive(r["peak_rss_gb"])
+
+
+@pytest.mark.slow
+def test_bench_compare_torch_smallest_case():
+    """--compare=torch at a tiny shape: both sides report finite positive times, losses near ln(vocab) (both
+    train the same-shaped model from a fresh init), a ratio that is their quotient, and each side's memory
+    from a fresh process of its own."""
+    r = bench(BenchConfig(bench="train", steps=2, rounds=2, batch_size=2, gradient_accumulation_steps=2,
+                          compare="torch", **TINY))
+    t = r["torch"]
+    assert t["name"] == "torch eager" and len(t["rounds_ms"]) == len(r["rounds_ms"]) == 2
+    for side in (r, t):
+        assert positive(side["ms_per_iter"]) and positive(side["compile_s"]) and positive(side["tflops_per_sec"])
+        assert side["tokens_per_sec"] * side["ms_per_iter"] / 1000 == pytest.approx(2 * 2 * 8)
+        assert abs(side["loss"] - math.log(11)) < 0.5
+        assert positive(side["step_peak_gb"]) and positive(side["setup_peak_gb"])
+        assert side["mfu"] is None  # no table peak for a CPU
+    assert r["ratio"] == pytest.approx(t["ms_per_iter"] / r["ms_per_iter"])
 
 
 def test_bench_generate_smallest_case():
     """generate of 4 tokens for 2 rows: finite positive tokens/s equal to rows * new tokens / time."""
-    r = bench(BenchConfig(bench="generate", new_tokens=4, num_samples=2, repeats=1, **TINY))
+    r = bench(BenchConfig(bench="generate", new_tokens=4, num_samples=2, repeats=1, rounds=1, **TINY))
     assert (r["bench"], r["batch"], r["new_tokens"], r["block_size"]) == ("generate", 2, 4, 8)
     assert positive(r["ms"]) and positive(r["tokens_per_sec"])
     assert r["tokens_per_sec"] * r["ms"] / 1000 == pytest.approx(2 * 4)
     assert r["params_M"] * 1e6 == pytest.approx(nanogpt_num_params(11, 8, 1, 16, bias=False))
+
+
+@pytest.mark.slow
+def test_bench_compare_decoding_gives_transformers_tokens(monkeypatch):
+    """Greedy decoding compared with transformers' generate on the same weights (ours copied into the HF model,
+    a bias=False model's biases as zeros): the very same tokens. (The fresh memory processes are covered by
+    the train comparison above; here each side's memory is left out.)"""
+    monkeypatch.setattr(bench_module, "fresh_process_memory", lambda cfg, side, n: {})
+    tiny = {**TINY, "block_size": 32, "vocab_size": 50}
+    for bias in (True, False):
+        r = bench(BenchConfig(bench="generate", compare="torch", prompt_tokens=5, new_tokens=20, num_samples=3,
+                              temperature=0.0, repeats=1, rounds=1, bias=bias, **tiny))
+        assert r["same_tokens"] is True and r["first_different_token"] is None
+        assert positive(r["tokens_per_sec"]) and positive(r["torch"]["tokens_per_sec"])
+        assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["torch"]["tokens_per_sec"])
+
+
+def test_side_args_give_back_the_same_case():
+    """The options a one-side memory process gets parse back to the case itself (one round, at most 2 steps)."""
+    cfg = BenchConfig(bench="train", compare="torch", steps=5, rounds=3, attn_impl=None, **TINY)
+    again = parse(BenchConfig, side_args(cfg, "torch", 2))
+    expected = {**cfg.__dict__, "side": "torch", "steps": 2, "rounds": 1, "repeats": 1, "num_devices": 2}
+    assert {k: v for k, v in again.__dict__.items() if not k.startswith("_")} == expected
+
+
+@pytest.mark.parametrize("shape, config", [("baby", "shakespeare_char_cpu.py"), ("char", "shakespeare_char.py")])
+def test_train_shapes_are_the_recipes(shape, config):
+    """--shape=baby and --shape=char are nanoGPT's CPU and char recipes, as their config files write them."""
+    recipe = run_config_file(str(CONFIGS / config))
+    recipe.setdefault("bias", False)  # nanoGPT's default
+    recipe["vocab_size"] = 65  # Tiny Shakespeare's characters
+    assert {k: recipe[k] for k in TRAIN_SHAPES[shape]} == TRAIN_SHAPES[shape]
+
+
+def test_shape_preset_yields_to_given_options():
+    """A preset fills what the user did not set; what they set stays."""
+    cfg = parse(BenchConfig, ["--bench=generate", "--shape=gpt2", "--num_samples=8", "--new_tokens=16"])
+    got = bench_module.shaped(cfg)
+    assert (got.n_layer, got.n_embd, got.vocab_size, got.prompt_tokens) == (12, 768, 50257, 32)
+    assert (got.num_samples, got.new_tokens, got.temperature) == (8, 16, 0.0)
+    assert DECODE_SHAPES["gpt2"]["bias"] is True

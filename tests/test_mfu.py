@@ -17,4 +17,8 @@ def test_peak_is_per_device_and_dtype_and_unknown_for_cpu():
     assert peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12  # nanoGPT's hard-coded A100 figure
     assert peak_flops("NVIDIA A100-SXM4-80GB", "float32") == 156e12  # TF32
     assert peak_flops("TPU v4", "bfloat16") == 275e12
+    # per JAX device: a v2 / v3 chip is two devices (45 and 123 TFLOP/s per chip)
+    assert (peak_flops("TPU v2", "bfloat16"), peak_flops("TPU v3", "bfloat16")) == (22.5e12, 61.5e12)
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert peak_flops(jax.devices("cpu")[0].device_kind, "float32") is None
