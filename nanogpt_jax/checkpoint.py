@@ -285,7 +285,7 @@ class Checkpointer:
                        for item in ("params", "optimizer")}
             self.restore(kind, **targets)
             return step
-        except (CheckpointError, Exception):  # noqa: BLE001 - any failure means: not intact
+        except Exception:  # noqa: BLE001 - any failure (a CheckpointError included) means: not intact
             return None
 
     def _folder(self, kind: str, step) -> epath.Path:

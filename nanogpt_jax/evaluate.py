@@ -1,4 +1,5 @@
-"""Loss, perplexity and bits per character of a model (a checkpoint or released GPT-2 weights) on a dataset split or a text file.
+"""Loss, perplexity and bits per character of a model (a checkpoint or released GPT-2 weights) on a dataset
+split or a text file.
 
 Two ways to pick the windows, both deterministic:
   eval_iters > 0   nanoGPT's estimate: eval_iters random batches of batch_size windows, chosen exactly as
@@ -97,7 +98,8 @@ def evaluate(config: GPTConfig, params, tokens, *, batch_size: int = 12, eval_it
 
         for x, y in itertools.chain([first], (check(x, y) for x, y in it)):
             rows = parallel.batch_sharding(mesh, 0)
-            loss = step(params, tuple(parallel.put_rows(rows, a.shape, a.__getitem__) for a in (x, y)))  # mean over the batch's real targets
+            # the mean over the batch's real targets
+            loss = step(params, tuple(parallel.put_rows(rows, a.shape, a.__getitem__) for a in (x, y)))
             if pending is not None:
                 add(*pending)
             pending = (loss, int(np.sum(y >= 0)))

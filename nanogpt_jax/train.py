@@ -391,7 +391,8 @@ def _train(cfg, ckpt, out_dir, log, stop):
             iter_num += 1
             if stop.after(iter_num):  # the step is done: save it as an evaluation would, and stop
                 saved = run.saved_state(state)
-                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, run.record(iter_num, best_val_loss, best_iter))
+                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng,
+                          run.record(iter_num, best_val_loss, best_iter))
                 log(f"{stop.signal}: saved iteration {iter_num} to {out_dir}; continue with the same options "
                     f"and --init_from=resume")
                 break
