@@ -195,11 +195,19 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) ->
 
 
 def cross_entropy(logits_BTV, targets_BT):
-    """Mean token cross-entropy; targets of -1 are ignored, as nanoGPT's ignore_index=-1."""
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    valid = targets_BT >= 0
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets_BT, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    """Mean token cross-entropy; targets of -1 are ignored, as nanoGPT's ignore_index=-1.
+
+    The arithmetic of -take_along_axis(log_softmax(logits), targets), with the target's logit picked by a
+    one-hot mask instead of a gather: the gradient is then elementwise, and XLA fuses the softmax's
+    backward into one pass over the (B, T, V) logits rather than first scattering into an array that size."""
+    x_BTV = logits_BTV.astype(jnp.float32)
+    shifted_BTV = x_BTV - jax.lax.stop_gradient(jnp.max(x_BTV, axis=-1, initial=-jnp.inf, keepdims=True))
+    lse_BT = jnp.log(jnp.sum(jnp.exp(shifted_BTV), axis=-1))
+    valid_BT = targets_BT >= 0
+    onehot_BTV = jnp.arange(x_BTV.shape[-1]) == jnp.where(valid_BT, targets_BT, 0)[..., None]
+    target_BT = jnp.sum(jnp.where(onehot_BTV, shifted_BTV, 0.0), axis=-1)  # exact: one term is not zero
+    nll_BT = -(target_BT - lse_BT)
+    return jnp.sum(jnp.where(valid_BT, nll_BT, 0.0)) / jnp.maximum(jnp.sum(valid_BT), 1)
 
 
 def num_params(params, non_embedding: bool = True) -> int:
