@@ -1,0 +1,67 @@
+"""Where a training step's time goes: ours' step at a bench shape, traced with jax.profiler, each XLA op's time
+summed over the step's threads and named by the model code it came from (the HLO op_name metadata).
+
+    python scripts/profile_step.py --shape=baby --steps=20          # the CPU recipe's step
+    python scripts/profile_step.py --shape=gpt2 --steps=1 --top=15  # GPT-2 124M, 2 x 1024 on a CPU
+
+Options are `nanogpt-jax bench`'s (--shape, --batch_size, --dtype, ...) plus --top (rows printed, default 25).
+Host CPU devices are one per core, as `train` and `bench` lay them out. On a GPU the trace's device lines
+are summed the same way.
+"""
+
+import collections
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nanogpt_jax import parallel
+
+parallel.use_all_cpu_cores()  # before JAX starts its backend
+
+import jax  # noqa: E402
+
+from nanogpt_jax import bench  # noqa: E402
+from nanogpt_jax.cli import options  # noqa: E402
+from nanogpt_jax.config import BenchConfig  # noqa: E402
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> 'shape  last three op_name parts' (which model line it came from)."""
+    sources = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", line)
+        if m:
+            sources[m.group(1)] = f"{m.group(2)[:32]}  {'/'.join(m.group(3).split('/')[-3:])}"
+    return sources
+
+
+def main(argv: list[str]) -> None:
+    top = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--top=")), 25)
+    cfg = bench.shaped(options(BenchConfig, [a for a in argv if not a.startswith("--top=")]))
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as trace_dir:
+        ours = bench.OursTrain(cfg, tmp)
+        ours(2)  # warm, as bench's timed rounds are
+        with jax.profiler.trace(trace_dir):
+            t0 = time.perf_counter()
+            ours(cfg.steps)
+            wall_ms = (time.perf_counter() - t0) / cfg.steps * 1000
+        trace = jax.profiler.ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
+        sources = op_sources(ours.step.as_text())
+    per_op = collections.Counter()
+    for plane in trace.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in sources or event.name in ("all-reduce", "reduce-scatter", "all-gather"):
+                    per_op[event.name] += event.duration_ns / 1e6 / cfg.steps
+    busy = sum(per_op.values())
+    print(f"{cfg.shape}: {wall_ms:,.1f} ms per step (wall, traced), {busy:,.1f} ms of op time summed over threads, "
+          f"{ours.run.layout.devices} device(s), {jax.devices()[0].device_kind}")
+    print("| ms/step | share | op | shape, source |\n| ---: | ---: | --- | --- |")
+    for name, ms in per_op.most_common(top):
+        print(f"| {ms:,.1f} | {ms / busy:.1%} | {name} | {sources.get(name, '')} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
