@@ -45,6 +45,14 @@ def test_top_k_one_equals_greedy(params):
     np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
 
 
+def test_traced_zero_temperature_is_greedy_too(params):
+    """Inside the caller's own jit the temperature is traced: generate cannot compile the greedy-only loop,
+    and the sampling path with temperature 0 must still give the naive greedy tokens."""
+    prompt = jnp.array([[4, 1, 7]], jnp.int32)
+    traced = jax.jit(lambda t: generate(CONFIG, params, prompt, 12, key=jax.random.PRNGKey(2), temperature=t))
+    np.testing.assert_array_equal(np.asarray(traced(0.0)), naive_greedy(CONFIG, params, prompt, 12))
+
+
 @pytest.mark.slow
 def test_batch_rows_equal_one_prompt_at_a_time(params):
     prompts = jax.random.randint(jax.random.PRNGKey(3), (4, 3), 0, CONFIG.vocab_size)
