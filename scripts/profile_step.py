@@ -58,6 +58,10 @@ def main(argv: list[str]) -> None:
     busy = sum(per_op.values())
     print(f"{cfg.shape}: {wall_ms:,.1f} ms per step (wall, traced), {busy:,.1f} ms of op time summed over threads, "
           f"{ours.run.layout.devices} device(s), {jax.devices()[0].device_kind}")
+    kinds = collections.Counter()
+    for name, ms in per_op.items():  # dot.12, ynn_fusion.7, copy_bitcast_fusion.3 -> dot, ynn_fusion, ...
+        kinds[re.sub(r"\.\d+$", "", name)] += ms
+    print("by kind: " + ", ".join(f"{kind} {ms / busy:.0%}" for kind, ms in kinds.most_common(6)))
     print("| ms/step | share | op | shape, source |\n| ---: | ---: | --- | --- |")
     for name, ms in per_op.most_common(top):
         print(f"| {ms:,.1f} | {ms / busy:.1%} | {name} | {sources.get(name, '')} |")
