@@ -27,14 +27,23 @@ from nanogpt_jax.cli import options  # noqa: E402
 from nanogpt_jax.config import BenchConfig  # noqa: E402
 
 
-def op_sources(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> 'shape  last three op_name parts' (which model line it came from)."""
-    sources = {}
+# The model part an op belongs to, from its op_name path (first match wins).
+PARTS = [("attention scores", r"attn/vmap|dot_product_attention|attn/.*(einsum|softmax)"), ("attention c_attn", r"attn/c_attn"),
+         ("attention c_proj", r"attn/c_proj"), ("mlp", r"/mlp/"), ("layer norms", r"/ln_"),
+         ("logits and loss", r"wte\.attend|closed_call|cross_entropy"), ("all-reduce", r"psum|all-reduce"),
+         ("optimizer", r"adam|optax|clip|global_norm")]
+
+
+def op_sources(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """HLO instruction name -> 'shape  last three op_name parts' (which model line it came from), and -> the
+    model part (PARTS) it belongs to."""
+    sources, parts = {}, {}
     for line in hlo_text.splitlines():
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", line)
         if m:
             sources[m.group(1)] = f"{m.group(2)[:32]}  {'/'.join(m.group(3).split('/')[-3:])}"
-    return sources
+            parts[m.group(1)] = next((part for part, rx in PARTS if re.search(rx, m.group(3))), "other")
+    return sources, parts
 
 
 def main(argv: list[str]) -> None:
@@ -48,7 +57,7 @@ def main(argv: list[str]) -> None:
             ours(cfg.steps)
             wall_ms = (time.perf_counter() - t0) / cfg.steps * 1000
         trace = jax.profiler.ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
-        sources = op_sources(ours.step.as_text())
+        sources, parts = op_sources(ours.step.as_text())
     per_op = collections.Counter()
     for plane in trace.planes:
         for line in plane.lines:
@@ -62,6 +71,10 @@ def main(argv: list[str]) -> None:
     for name, ms in per_op.items():  # dot.12, ynn_fusion.7, copy_bitcast_fusion.3 -> dot, ynn_fusion, ...
         kinds[re.sub(r"\.\d+$", "", name)] += ms
     print("by kind: " + ", ".join(f"{kind} {ms / busy:.0%}" for kind, ms in kinds.most_common(6)))
+    by_part = collections.Counter()
+    for name, ms in per_op.items():
+        by_part[parts.get(name, "all-reduce")] += ms
+    print("by part: " + ", ".join(f"{part} {ms / busy:.0%}" for part, ms in by_part.most_common()))
     print("| ms/step | share | op | shape, source |\n| ---: | ---: | --- | --- |")
     for name, ms in per_op.most_common(top):
         print(f"| {ms:,.1f} | {ms / busy:.1%} | {name} | {sources.get(name, '')} |")

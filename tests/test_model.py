@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import nanogpt_num_params, np_log_softmax
-from nanogpt_jax.model import (GPTConfig, crop_block_size, cross_entropy, init_cache, init_params, make_model,
+from nanogpt_jax.model import (ATTENTION_BLOCK, GPTConfig, crop_block_size, cross_entropy, init_cache, init_params, make_model,
                                num_params)
 from nanogpt_jax.step import loss_fn
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=True)
+# Long enough for attention in blocks of query rows, the last block shorter than the others.
+LONG = dataclasses.replace(TINY, block_size=2 * ATTENTION_BLOCK + 44)
 
 
 def perturbed_params(config, seed=0):
@@ -72,8 +74,9 @@ def np_forward(config, params, idx):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_matches_numpy_reference(bias):
-    config = dataclasses.replace(TINY, bias=bias)
+@pytest.mark.parametrize("base", [TINY, LONG], ids=["short", "blocked-attention"])
+def test_forward_matches_numpy_reference(bias, base):
+    config = dataclasses.replace(base, bias=bias)
     params = perturbed_params(config)
     idx = tokens(config)
     logits, cache = make_model(config).apply({"params": params}, jnp.asarray(idx))
@@ -179,16 +182,18 @@ def test_causality_gradient(dropout):
     assert np.all(influence[~future] > 0.0)  # every earlier position is attended to
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_causality_changing_later_tokens(dropout):
-    """Replacing the tokens after t leaves logits[:, :t+1] bit-identical (and changes later ones)."""
-    config = dataclasses.replace(TINY, dropout=dropout)
+@pytest.mark.parametrize("dropout,base", [(0.0, TINY), (0.1, TINY), (0.0, LONG)],
+                         ids=["short", "short-dropout", "blocked-attention"])
+def test_causality_changing_later_tokens(dropout, base):
+    """Replacing the tokens after t leaves logits[:, :t+1] bit-identical (and changes later ones); in blocked
+    attention also at the blocks' edges."""
+    config = dataclasses.replace(base, dropout=dropout)
     params = perturbed_params(config)
     model = make_model(config)
     kw = {} if dropout == 0 else dict(deterministic=False, rngs={"dropout": jax.random.PRNGKey(7)})
     idx = tokens(config)
     base = np.asarray(model.apply({"params": params}, jnp.asarray(idx), **kw)[0])
-    for t in (0, 5, config.block_size - 2):
+    for t in sorted({0, 5, ATTENTION_BLOCK - 1, ATTENTION_BLOCK, config.block_size - 2} & set(range(config.block_size - 1))):
         changed = idx.copy()
         changed[:, t + 1:] = (changed[:, t + 1:] + 1 + np.arange(config.block_size - t - 1)) % config.vocab_size
         out = np.asarray(model.apply({"params": params}, jnp.asarray(changed), **kw)[0])
