@@ -41,6 +41,13 @@ def activation_bytes(config: GPTConfig, rows: int) -> int:
     return logits + per_layer * (1 if config.remat else config.n_layer)
 
 
+def remat_saves_memory() -> bool:
+    """XLA:CPU drops the optimization barriers that jax.checkpoint puts around a block, and common-subexpression
+    elimination then merges the recomputed forward pass into the saved one: on a CPU remat keeps every layer's
+    activations (the compiled step's temp memory is the same with and without it)."""
+    return jax.default_backend() != "cpu"
+
+
 def training_bytes(config: GPTConfig, rows: int, devices: int, fsdp: int) -> int:
     """One training step on `devices` devices, `rows` windows per pass over all of them: the state, sharded over
     fsdp and copied on each data-parallel replica, and the activations."""

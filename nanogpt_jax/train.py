@@ -18,7 +18,7 @@ from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
 from .config import ConfigError, TrainConfig, UserError, options_set
 from .load import abstract_params, crop, folder_meta, model_config, with_runtime
-from .memory import param_count, refuse_unless_it_fits, training_bytes
+from .memory import param_count, refuse_unless_it_fits, remat_saves_memory, training_bytes
 from .model import GPTConfig, init_params, make_model, num_params
 from .optim import get_lr, make_optimizer
 from .pretrained import from_pretrained
@@ -153,11 +153,12 @@ def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
 def _refuse_too_big(cfg: TrainConfig, config: GPTConfig) -> None:
     """Before anything is built: the state and one pass's activations must fit in the devices' memory."""
     devices = cfg.num_devices or jax.device_count()
+    config = dataclasses.replace(config, remat=config.remat and remat_saves_memory())
     need = training_bytes(config, cfg.micro_batch_size or cfg.batch_size, devices, cfg.fsdp)
     refuse_unless_it_fits(need, f"training {param_count(config):,} parameters (n_layer={config.n_layer}, n_embd="
                           f"{config.n_embd}, block_size={config.block_size}) on {devices} device(s)",
                           "use a smaller model or --block_size, a smaller --batch_size or --micro_batch_size, "
-                          "--remat=True, or --fsdp")
+                          f"{'--remat=True, ' if remat_saves_memory() else ''}or --fsdp")
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
@@ -333,6 +334,8 @@ def _train(cfg, ckpt, out_dir, log, stop):
     log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
     log(f"layout: {run.layout.describe()}")
+    if config.remat and not remat_saves_memory():
+        log("note: --remat=True saves no memory on a CPU (XLA:CPU merges the recomputation away); shard the state with --fsdp instead")
     wandb = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": dataclasses.asdict(cfg)}
     with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
                     enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:

@@ -27,11 +27,12 @@ from nanogpt_jax.cli import options  # noqa: E402
 from nanogpt_jax.config import BenchConfig  # noqa: E402
 
 
-# The model part an op belongs to, from its op_name path (first match wins).
-PARTS = [("attention scores", r"attn/vmap|dot_product_attention|attn/.*(einsum|softmax)"), ("attention c_attn", r"attn/c_attn"),
-         ("attention c_proj", r"attn/c_proj"), ("mlp", r"/mlp/"), ("layer norms", r"/ln_"),
-         ("logits and loss", r"wte\.attend|closed_call|cross_entropy"), ("all-reduce", r"psum|all-reduce"),
-         ("optimizer", r"adam|optax|clip|global_norm")]
+# The model part an op belongs to, from its op_name path (first match wins). Ops outside the shard_map are the
+# optimizer's update; the loss's own ops sit under jvp() (its autodiff) beside jvp(GPT) (the model's).
+PARTS = [("dropout's random bits", r"_bernoulli|_threefry|random_bits"), ("attention c_attn", r"attn/c_attn"),
+         ("attention c_proj", r"attn/c_proj"), ("attention scores", r"/attn/"), ("mlp", r"/mlp/"),
+         ("layer norms", r"/ln_"), ("logits and loss", r"wte\.attend|jvp\(\)|jvp\(jit\(_where"),
+         ("embeddings", r"/wte/|/wpe/"), ("all-reduce", r"psum|pmean"), ("optimizer", r"^jit\(\w+\)/(?!shard_map)")]
 
 
 def op_sources(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:

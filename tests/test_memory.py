@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, assert_one_error_line, nanogpt_num_params
 from nanogpt_jax import memory
-from nanogpt_jax.model import GPTConfig, init_params, num_params
+from nanogpt_jax.model import GPTConfig, cross_entropy, init_params, make_model, num_params
 
 
 @pytest.mark.parametrize("config", [
@@ -76,3 +76,28 @@ def test_the_command_refuses_a_million_layers_in_seconds(char_data, tmp_path):
                            f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "n_layer=1000000", "GiB of memory")
+
+
+def test_remat_saves_memory_says_what_the_compiler_does():
+    """remat_saves_memory against the compiled step itself: the temp memory of a GPT's gradient with and without
+    remat (XLA:CPU merges the recomputation into the saved forward; an accelerator keeps it)."""
+    config = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=2, n_embd=64)
+    params = init_params(config, jax.random.PRNGKey(0))
+    x = jax.numpy.zeros((8, 64), jax.numpy.int32)
+
+    def temp_bytes(remat):
+        model = make_model(dataclasses.replace(config, remat=remat))
+        grad = jax.jit(jax.grad(lambda p: cross_entropy(model.apply({"params": p}, x)[0], x)))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    without, with_remat = temp_bytes(False), temp_bytes(True)
+    assert (with_remat < 0.8 * without) == memory.remat_saves_memory(), (with_remat, without)
+
+
+def test_train_on_a_cpu_says_remat_saves_nothing(char_data, tmp_path, run_cli):
+    data_dir, _ = char_data
+    code, out, err = run_cli("train", "--dataset=shakespeare_char", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                             "--n_layer=1", "--n_head=1", "--n_embd=16", "--batch_size=2", "--block_size=8",
+                             "--max_iters=1", "--eval_iters=1", "--remat=True")
+    assert code == 0, err
+    assert "--remat=True saves no memory on a CPU" in out
