@@ -117,6 +117,14 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def allocator(maps: str | None = None) -> str:
+    """The malloc this process runs on: 'tcmalloc' or 'jemalloc' when one is preloaded (its library is mapped),
+    else 'glibc'. It matters on a CPU: XLA:CPU allocates each step's scratch memory afresh, which glibc maps from
+    the kernel every time (docs/benchmarks.md)."""
+    maps = Path("/proc/self/maps").read_text() if maps is None else maps
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
+
+
 # ------------------------------------------------------------------------------------------------ FLOP/s
 
 
@@ -492,6 +500,7 @@ def bench(cfg: BenchConfig) -> dict:
     load_before = os.getloadavg()[0]
     result = {"train": bench_train, "generate": bench_generate}[cfg.bench](cfg)
     result["device"] = jax.devices()[0].device_kind
+    result["malloc"] = allocator()
     # Other work on the machine slows both sides, torch's spinning OpenMP threads most: say how busy it was.
     result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result

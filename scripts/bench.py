@@ -90,7 +90,8 @@ def row(name: str, r: dict) -> str:
         ratio += ", same tokens" if r["same_tokens"] else f", tokens differ from #{r['first_different_token']}"
     memory = f"{gb(r)} / {gb(t)}" if t else gb(r)
     compile_s = f"{r['compile_s']:.1f} / {t['compile_s']:.1f}" if t else f"{r['compile_s']:.1f}"
-    return f"| {name} | {r['device']} | {ours} | {theirs} | {ratio} | {flops(r)} | {memory} | {compile_s} |"
+    device = r["device"] + (f", {r['malloc']}" if r.get("malloc", "glibc") != "glibc" else "")
+    return f"| {name} | {device} | {ours} | {theirs} | {ratio} | {flops(r)} | {memory} | {compile_s} |"
 
 
 def main(argv: list[str]) -> None:

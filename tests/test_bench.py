@@ -9,7 +9,7 @@ import pytest
 
 from conftest import nanogpt_num_params
 from nanogpt_jax import bench as bench_module
-from nanogpt_jax.bench import DECODE_SHAPES, TRAIN_SHAPES, bench, side_args
+from nanogpt_jax.bench import DECODE_SHAPES, TRAIN_SHAPES, allocator, bench, side_args
 from nanogpt_jax.config import BenchConfig, parse, run_config_file
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dtype="float32")
@@ -33,6 +33,15 @@ def test_bench_train_smallest_case():
     assert r["flops_per_iter_formula"] == (6 * n + 12 * 1 * 2 * 8 * 8) * 2 * 2 * 8  # nanoGPT's estimate_mfu
     assert positive(r["flops_per_iter_xla"]) and math.isfinite(r["loss"])
     assert r["device"] == jax.devices()[0].device_kind and positive(r["peak_rss_gb"])
+    maps = Path("/proc/self/maps").read_text()
+    assert r["malloc"] == ("tcmalloc" if "libtcmalloc" in maps else "jemalloc" if "libjemalloc" in maps else "glibc")
+
+
+def test_allocator_is_read_from_the_mapped_libraries():
+    glibc = "7f00-7f10 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    assert allocator(glibc) == "glibc"
+    assert allocator(glibc + "7f20-7f30 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n") == "tcmalloc"
+    assert allocator(glibc + "7f20-7f30 r-xp 00000000 08:01 3 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n") == "jemalloc"
 
 
 @pytest.mark.slow
