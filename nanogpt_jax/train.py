@@ -335,7 +335,8 @@ def _train(cfg, ckpt, out_dir, log, stop):
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
     log(f"layout: {run.layout.describe()}")
     if config.remat and not remat_saves_memory():
-        log("note: --remat=True saves no memory on a CPU (XLA:CPU merges the recomputation away); shard the state with --fsdp instead")
+        log("note: --remat=True saves no memory on a CPU (XLA:CPU merges the recomputation away); "
+            "shard the state with --fsdp instead")
     wandb = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": dataclasses.asdict(cfg)}
     with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
                     enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:

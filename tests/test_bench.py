@@ -38,10 +38,11 @@ def test_bench_train_smallest_case():
 
 
 def test_allocator_is_read_from_the_mapped_libraries():
-    glibc = "7f00-7f10 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    line = "7f00-7f10 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/{}\n"
+    glibc = line.format("libc.so.6")
     assert allocator(glibc) == "glibc"
-    assert allocator(glibc + "7f20-7f30 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n") == "tcmalloc"
-    assert allocator(glibc + "7f20-7f30 r-xp 00000000 08:01 3 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n") == "jemalloc"
+    assert allocator(glibc + line.format("libtcmalloc_minimal.so.4")) == "tcmalloc"
+    assert allocator(glibc + line.format("libjemalloc.so.2")) == "jemalloc"
 
 
 @pytest.mark.slow
