@@ -15,12 +15,17 @@ import numpy as np
 from .model import GPTConfig, init_cache, make_model
 
 
+def known_greedy(temperature) -> bool:
+    """A temperature of 0 known before tracing (a traced one is only known at run time)."""
+    return not isinstance(temperature, jax.core.Tracer) and float(temperature) == 0.0
+
+
 def sample_logits(logits_BV, key, temperature, top_k: int | None = None, top_p: float | None = None):
     """Next token ids (B,) from logits: greedy when temperature == 0, else top-k/top-p filtered sampling.
     A temperature of 0 known before tracing draws no random numbers (over GPT-2's 50257 logits they cost a
     greedy decode step on a CPU a tenth of its time); a traced one computes both and picks."""
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    if not isinstance(temperature, jax.core.Tracer) and float(temperature) == 0.0:
+    if known_greedy(temperature):
         return greedy_B
     scaled = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
     if top_k is not None:
@@ -45,10 +50,9 @@ def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, tem
     (nanoGPT trains GPT-2 BPE models with 50304 outputs for 50257 tokens). Bad arguments raise ValueError
     before anything is compiled: a jitted call would clamp out-of-range ids silently."""
     check_arguments(config, prompt, max_new_tokens, top_k, top_p, vocab_size)
-    # Static, so that a greedy call compiles sample_logits' loop without random numbers.
-    greedy = not isinstance(temperature, jax.core.Tracer) and float(temperature) == 0.0
+    # greedy is static: a greedy call compiles a decode loop without random numbers.
     return _generate(config, params, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
-                     top_p=top_p, vocab_size=vocab_size, greedy=greedy)
+                     top_p=top_p, vocab_size=vocab_size, greedy=known_greedy(temperature))
 
 
 def check_arguments(config: GPTConfig, prompt, max_new_tokens, top_k, top_p, vocab_size) -> None:
