@@ -182,8 +182,9 @@ class GPT(nn.Module):
             x_BTC, kv = block(c, name=f"h_{i}")(x_BTC, deterministic, None if cache is None else cache[i], pos)
             new_cache.append(kv)
         x_BTC = _layer_norm(c, "ln_f")(x_BTC[:, -1:] if last_only else x_BTC)
-        logits_BTV = wte.attend(x_BTC).astype(jnp.float32)  # weight tying: lm_head = wte
-        return logits_BTV, None if cache is None else tuple(new_cache)
+        # weight tying: lm_head = wte. On flattened rows, as Dense, for the same reason.
+        logits_NV = wte.attend(x_BTC.reshape(-1, c.n_embd)).astype(jnp.float32)
+        return logits_NV.reshape(*x_BTC.shape[:2], -1), None if cache is None else tuple(new_cache)
 
 
 class Bigram(nn.Module):
