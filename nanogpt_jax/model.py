@@ -2,8 +2,8 @@
 
 Parameter names mirror HuggingFace GPT-2 (wte, wpe, h_N/ln_1, attn/c_attn, ...) so that the released
 weights map key for key. Parameters are float32; `dtype` is the compute dtype of the activations.
-Shapes are in the names: B batch, T tokens of this call, S cached positions, C n_embd, N heads, H head size,
-V vocabulary. Errors are plain `ValueError`s; the command line words them as options.
+Shapes are in the names: B batch, T tokens of this call, R = B x T rows, S cached positions, C n_embd, N heads,
+H head size, V vocabulary. Errors are plain `ValueError`s; the command line words them as options.
 """
 
 import dataclasses
@@ -55,7 +55,7 @@ class Dense(nn.Dense):
 
 def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> Dense:
     return Dense(features, use_bias=config.bias, dtype=config.compute_dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros, name=name)
+                 kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros, name=name)
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
@@ -183,8 +183,8 @@ class GPT(nn.Module):
             new_cache.append(kv)
         x_BTC = _layer_norm(c, "ln_f")(x_BTC[:, -1:] if last_only else x_BTC)
         # weight tying: lm_head = wte. On flattened rows, as Dense, for the same reason.
-        logits_NV = wte.attend(x_BTC.reshape(-1, c.n_embd)).astype(jnp.float32)
-        return logits_NV.reshape(*x_BTC.shape[:2], -1), None if cache is None else tuple(new_cache)
+        logits_RV = wte.attend(x_BTC.reshape(-1, c.n_embd)).astype(jnp.float32)
+        return logits_RV.reshape(*x_BTC.shape[:2], -1), None if cache is None else tuple(new_cache)
 
 
 class Bigram(nn.Module):
