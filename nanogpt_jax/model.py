@@ -3,7 +3,7 @@
 Parameter names mirror HuggingFace GPT-2 (wte, wpe, h_N/ln_1, attn/c_attn, ...) so that the released
 weights map key for key. Parameters are float32; `dtype` is the compute dtype of the activations.
 Shapes are in the names: B batch, T tokens of this call, R = B x T rows, S cached positions, C n_embd, N heads,
-H head size, V vocabulary. Errors are plain `ValueError`s; the command line words them as options.
+H head size, O a layer's outputs, V vocabulary. Errors are plain `ValueError`s; the command line words them as options.
 """
 
 import dataclasses
@@ -44,13 +44,19 @@ class GPTConfig:
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
+def on_rows(linear, x_BTC):
+    """linear(x) with x's (B, T) flattened into R rows. A weight's gradient is then a plain (C, R) x (R, out)
+    product: contracted over (B, T), XLA:CPU wrote the gradient flowing into it transposed, element by element
+    (each MLP's GELU backward: 15% of the CPU recipe's step). The arithmetic is the same."""
+    y_RO = linear(x_BTC.reshape(-1, x_BTC.shape[-1]))
+    return y_RO.reshape(*x_BTC.shape[:-1], y_RO.shape[-1])
+
+
 class Dense(nn.Dense):
-    """nn.Dense applied to the rows of (..., in) flattened to (rows, in). The weight gradient is then a plain
-    (in, rows) x (rows, out) product: contracted over (B, T), XLA:CPU wrote each MLP's GELU backward
-    transposed, element by element (15% of the CPU recipe's step). The arithmetic is the same."""
+    """nn.Dense on_rows."""
 
     def __call__(self, x):
-        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.features)
+        return on_rows(super().__call__, x)
 
 
 def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> Dense:
@@ -182,9 +188,8 @@ class GPT(nn.Module):
             x_BTC, kv = block(c, name=f"h_{i}")(x_BTC, deterministic, None if cache is None else cache[i], pos)
             new_cache.append(kv)
         x_BTC = _layer_norm(c, "ln_f")(x_BTC[:, -1:] if last_only else x_BTC)
-        # weight tying: lm_head = wte. On flattened rows, as Dense, for the same reason.
-        logits_RV = wte.attend(x_BTC.reshape(-1, c.n_embd)).astype(jnp.float32)
-        return logits_RV.reshape(*x_BTC.shape[:2], -1), None if cache is None else tuple(new_cache)
+        logits_BTV = on_rows(wte.attend, x_BTC).astype(jnp.float32)  # weight tying: lm_head = wte
+        return logits_BTV, None if cache is None else tuple(new_cache)
 
 
 class Bigram(nn.Module):
