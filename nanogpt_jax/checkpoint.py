@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -135,11 +136,15 @@ def _why(e: BaseException) -> str:
 class _OrbaxFailureNoise(logging.Filter):
     """orbax logs a failed save or restore with tracebacks from its threads; the reads a failed restore leaves
     behind end as unraisable exceptions: 'Event loop is closed' from tensorstore's callbacks, and the errors of
-    orbax's own read coroutines, which nobody awaits any more. The Checkpointer reports such a failure itself,
-    once, as one line: these are dropped."""
+    orbax's own read coroutines, which nobody awaits any more. Those of its read tasks that finished before the
+    process exits are logged by asyncio ('Task exception was never retrieved'). The Checkpointer reports such a
+    failure itself, once, as one line: these are dropped."""
 
     def filter(self, record):
-        return record.levelno < logging.ERROR or ORBAX_DIR not in record.pathname
+        if record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (ORBAX_DIR in record.pathname or _raised_in_orbax(exc))
 
     def unraisable(self, previous):
         def hook(unraisable):
@@ -156,12 +161,18 @@ class _OrbaxFailureNoise(logging.Filter):
 ORBAX_DIR = str(Path(ocp.__file__).resolve().parent)
 
 
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+    return exc is not None and any(frame.f_code.co_filename.startswith(ORBAX_DIR)
+                                   for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
 def _quiet_orbax_failures() -> None:
     """Install _OrbaxFailureNoise's filters once per process."""
     if getattr(sys.unraisablehook, "orbax_noise", False):
         return
     noise = _OrbaxFailureNoise()
-    logging.getLogger("absl").addFilter(noise)
+    for logger in ("absl", "asyncio"):
+        logging.getLogger(logger).addFilter(noise)
     sys.unraisablehook = noise.unraisable(sys.unraisablehook)
 
 

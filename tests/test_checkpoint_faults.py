@@ -4,7 +4,9 @@ usable; a failed write (disk full) is one line that keeps the previous checkpoin
 a kill between the `latest` and `best` saves is repaired on resume; SIGKILL at any moment, in the middle of a
 save too, resumes from a complete checkpoint."""
 
+import asyncio
 import errno
+import gc
 import os
 import random
 import shutil
@@ -22,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, assert_one_error_line, assert_trees_equal, quiet, tiny_cfg
-from nanogpt_jax.checkpoint import Checkpointer, checksum
+from nanogpt_jax.checkpoint import ORBAX_DIR, Checkpointer, checksum
 from nanogpt_jax.load import load_run
 from nanogpt_jax.tracking import read_metrics
 from nanogpt_jax.train import Run, train
@@ -206,6 +208,31 @@ def test_a_subprocess_prints_one_line_for_a_damaged_checkpoint(small_run, tmp_pa
 
 
 @pytest.mark.slow
+def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, caplog):
+    """A failed restore abandons orbax's other read tasks; those that finish before the process exits are
+    logged by asyncio when collected ('Task exception was never retrieved'), after the one error line. The
+    Checkpointer drops them, and only them: the same failure raised outside orbax is still logged."""
+    Checkpointer(str(tmp_path / "run"))
+
+    def abandoned_failure(filename):
+        code = compile("async def read():\n    raise ValueError('truncated')\n", filename, "exec")
+        namespace = {}
+        exec(code, namespace)
+
+        async def start_and_leave():
+            asyncio.ensure_future(namespace["read"]())
+            await asyncio.sleep(0)
+
+        asyncio.run(start_and_leave())
+        gc.collect()
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        abandoned_failure(f"{ORBAX_DIR}/_src/serialization/serialization.py")
+        assert caplog.records == []
+        abandoned_failure(str(tmp_path / "elsewhere.py"))
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
+
+
 def test_a_write_error_during_a_save_keeps_the_previous_checkpoint(char_data, tmp_path, run_cli, monkeypatch):
     """Disk full (simulated: the record's write raises ENOSPC inside orbax's temporary folder, after the arrays
     are written): one line naming the save and the kept checkpoint, no temporary folder left, and the run
