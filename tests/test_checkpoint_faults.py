@@ -207,7 +207,6 @@ def test_a_subprocess_prints_one_line_for_a_damaged_checkpoint(small_run, tmp_pa
 # ------------------------------------------------------------------------------------------- failed writes
 
 
-@pytest.mark.slow
 def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, caplog):
     """A failed restore abandons orbax's other read tasks; those that finish before the process exits are
     logged by asyncio when collected ('Task exception was never retrieved'), after the one error line. The
@@ -233,6 +232,7 @@ def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, cap
     assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
 
 
+@pytest.mark.slow
 def test_a_write_error_during_a_save_keeps_the_previous_checkpoint(char_data, tmp_path, run_cli, monkeypatch):
     """Disk full (simulated: the record's write raises ENOSPC inside orbax's temporary folder, after the arrays
     are written): one line naming the save and the kept checkpoint, no temporary folder left, and the run
