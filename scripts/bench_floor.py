@@ -26,7 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-N_LAYER, C, V_TRAIN, V_DECODE, ROWS = 12, 768, 50304, 50257, 2 * 1024
+from nanogpt_jax.bench import DECODE_SHAPES, TRAIN_ROWS, TRAIN_SHAPES
+
+GPT2 = TRAIN_SHAPES["gpt2"]  # the shapes `bench --shape=gpt2` times on a CPU
+N_LAYER, C, V_TRAIN, V_DECODE = GPT2["n_layer"], GPT2["n_embd"], GPT2["vocab_size"], DECODE_SHAPES["gpt2"]["vocab_size"]
+ROWS = TRAIN_ROWS["cpu"]["gpt2"][0] * GPT2["block_size"]
 LAYER = {"c_attn": (C, 3 * C), "attn.c_proj": (C, C), "c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
 
 
