@@ -43,7 +43,7 @@ from .convert import with_zero_biases
 from .generate import generate
 from .load import abstract_params, model_config
 from .model import GPTConfig, init_params, num_params
-from .pretrained import hf_config, hf_layout
+from .pretrained import hf_config, hf_tensors
 from .train import Run
 
 # Presets for --shape (options given on the command line or in a config file win). Train shapes: nanoGPT's
@@ -214,9 +214,7 @@ def hf_model(config: GPTConfig, params=None):
     model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
     if params is not None:
         config_b, params_b = (config, params) if config.bias else with_zero_biases(config, params)
-        leaves = {tuple(k.key for k in kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params_b)[0]}
-        state = {name: torch.from_numpy(np.array(leaves[path], np.float32)) for name, (path, _) in
-                 hf_layout(config_b).items()}
+        state = {name: torch.from_numpy(x) for name, x in hf_tensors(config_b, params_b).items()}
         model.transformer.load_state_dict(state, strict=True)
     return model
 

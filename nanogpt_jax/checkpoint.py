@@ -23,16 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .config import UserError
-from .model import GPTConfig
+from .model import GPTConfig, stack_layers, unstack_layers
 from .tracking import on_object_store
 
 KINDS = ("latest", "best")
 ITEMS = ("params", "optimizer", "record")
 # 2: best_iter and checksums. A version-1 record reads with both None (nothing to verify or repair).
-RECORD_VERSION = 2
+# 3: the blocks stacked under h (a leading layer axis); versions 1 and 2 hold h_0 .. h_{L-1}, stacked on restore.
+RECORD_VERSION = 3
 
 
 class CheckpointError(UserError):
@@ -272,7 +273,12 @@ class Checkpointer:
 
     def restore(self, kind: str, **targets) -> dict:
         """Restore the named items (params=, optimizer={opt_state, rng}) onto the layouts of abstract trees,
-        each checked against the checksum saved with it."""
+        each checked against the checksum saved with it. A checkpoint of layers saved one by one (record
+        version < 3) is read layer by layer and stacked onto the targets' layouts."""
+        per_layer = self.record(kind).version < 3 and any(
+            getattr(k, "key", None) == "h" for path, _ in jax.tree_util.tree_flatten_with_path(targets)[0] for k in path)
+        if per_layer:
+            stacked, targets = targets, {k: unstack_layers(v, _abstract_layer) for k, v in targets.items()}
         args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
         step, restored = self._read(kind, record=ocp.args.JsonRestore(), **args)
         record = RunRecord.from_json(restored.pop("record"), self._folder(kind, step))
@@ -280,6 +286,9 @@ class Checkpointer:
             if record.checksums and checksum(tree) != record.checksums[item]:
                 self._damaged(kind, step, f"its {item} differ from what was saved (checksum mismatch: a file "
                                           "was changed or damaged after the save)")
+        if per_layer:
+            restored = {k: jax.jit(stack_layers, out_shardings=jax.tree.map(lambda t: t.sharding, stacked[k]))(v)
+                        for k, v in restored.items()}
         return restored
 
     def intact(self, kind: str) -> int | None:
@@ -329,6 +338,14 @@ class Checkpointer:
         finally:
             for mngr in self.managers.values():
                 mngr.close()
+
+
+def _abstract_layer(x: jax.ShapeDtypeStruct, _layer: int) -> jax.ShapeDtypeStruct:
+    """One layer of an abstract stacked leaf, placed as the stacked one without its layer axis."""
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
 
 
 def abstract(tree, shardings):

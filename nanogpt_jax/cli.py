@@ -6,8 +6,8 @@ import sys
 
 import jax
 
-from . import bench, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
-from .config import (BenchConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
+from . import bench, compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
+from .config import (BenchConfig, CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 
 USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
@@ -30,6 +30,10 @@ commands:
                                                     split or a text file (--eval_iters=0: every token once)
   convert --init_from=gpt2|HF_DIR --out_dir=DIR     HuggingFace GPT-2 -> checkpoint (train, sample, eval it)
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
+  compile [CONFIG.py] [--topology=v5e:2x4] [--what=train|generate] [--json] [--key=value ...]
+                                                    compile what train (or generate) would run, for this machine's
+                                                    devices or a TPU topology (pip install 'nanogpt-jax[tpu]'), and
+                                                    print each device's memory and FLOPs; exit 3 if it does not fit
   bench [--key=value ...]                           measure training step and generate speed
   plot OUT_DIR [OUT_DIR ...] [--output=loss.png]    loss, lr and tokens/s of runs (pip install 'nanogpt-jax[plot]')
 
@@ -99,12 +103,23 @@ def run_convert(argv):
     print(convert.convert(options(ConvertConfig, argv)))
 
 
+def run_compile(argv):
+    cfg = options(CompileConfig, argv)
+    result = compile_check.compile_check(cfg)
+    if cfg.json:
+        print(json.dumps(result))
+    if not result["fits"]:
+        print(f"error: {result['error']}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def run_bench(argv):
     print(json.dumps(bench.bench(options(BenchConfig, argv))))
 
 
 COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval,
-            "convert": run_convert, "bench": run_bench, "plot": plot.main}
+            "convert": run_convert, "compile": run_compile, "bench": run_bench, "plot": plot.main}
 
 
 def main(argv=None) -> int:
@@ -116,6 +131,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    parallel.quiet_libtpu()
     if argv[0] != "train":  # train may join several processes first
         parallel.use_all_cpu_cores()
     try:

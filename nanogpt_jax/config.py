@@ -25,6 +25,9 @@ class ConfigError(UserError):
     """A bad option; the message names it and says what was expected."""
 
 
+REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES' names
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # I/O
@@ -70,7 +73,12 @@ class TrainConfig:
     # system
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto = float32 on CPU, bfloat16 elsewhere
     attn_impl: str | None = None  # None/'xla', or 'cudnn' (NVIDIA, bf16/fp16)
-    remat: bool = False  # recompute blocks in the backward pass to save activation memory
+    # what each block keeps for the backward pass: 'none' (all), 'full' (its input: the rest is recomputed),
+    # 'dots' (its matmul outputs); True / False mean 'full' / 'none'
+    remat: str | bool = "none"
+    # compile one layer body and loop it (lax.scan: compile time and FSDP's memory independent of depth), or
+    # unroll the layers (XLA:CPU runs small models faster unrolled); None: unrolled on a CPU, scanned elsewhere
+    scan_layers: bool | None = None
     num_devices: int = 0  # devices to use; 0 = all of them when the batch can be split evenly over them
     fsdp: int = 1  # shard params and optimizer state over this many devices (1 = pure data parallelism)
     parallel: str = "mesh"  # 'mesh' (jit over a device mesh) or 'pmap'
@@ -91,6 +99,10 @@ class TrainConfig:
         _at_least(self, 1, "fsdp", "num_processes")
         if self.checkpoint not in ("latest", "best"):
             raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
+        if isinstance(self.remat, bool):
+            self.remat = "full" if self.remat else "none"
+        if self.remat not in REMAT:
+            raise ConfigError(f"--remat={self.remat}: use one of {', '.join(REMAT)} (True means full)")
         if self.parallel not in ("mesh", "pmap"):
             raise ConfigError(f"--parallel={self.parallel}: use mesh or pmap")
         if self.parallel == "pmap" and self.fsdp > 1:
@@ -138,6 +150,24 @@ class BenchConfig(TrainConfig):
             raise ConfigError(f"--compare={self.compare}: use torch (or leave it out)")
         if self.side not in ("both", "ours", "torch"):
             raise ConfigError(f"--side={self.side}: use both, ours or torch")
+
+
+@dataclasses.dataclass
+class CompileConfig(TrainConfig):
+    topology: str | None = None  # a TPU topology libtpu knows (v5e:2x4, v4:2x2x2, ...); None: this machine's devices
+    what: str = "train"  # 'train' (the train step) or 'generate'
+    json: bool = False  # also print the figures as one JSON object on the last line
+    # generate: batch rows, prompt and new tokens per row
+    num_samples: int = 1
+    prompt_tokens: int = 1
+    max_new_tokens: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self, 1, "num_samples", "prompt_tokens")
+        _at_least(self, 0, "max_new_tokens")
+        if self.what not in ("train", "generate"):
+            raise ConfigError(f"--what={self.what}: use train or generate")
 
 
 @dataclasses.dataclass
@@ -341,9 +371,13 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                if not args or args[0].startswith("--"):
+                if _allowed_types(typing.get_type_hints(cls).get(key)) == (bool,) and (
+                        not args or args[0] not in ("True", "False")):
+                    text = "True"  # a bare switch: --json
+                elif not args or args[0].startswith("--"):
                     raise ConfigError(f"{arg} needs a value: write {arg}=VALUE or {arg} VALUE")
-                text = args.pop(0)
+                else:
+                    text = args.pop(0)
             put(key, text if key in repeated else _literal(text), "command line")  # paths, not literals
         elif arg.endswith(".py"):
             scope = run_config_file(arg)

@@ -3,6 +3,7 @@ an absurd size (a million layers, a billion positions, a billion new tokens) is 
 allocating until the machine dies. Estimates are rough lower bounds (what must be held, not what XLA adds), so
 that a run they refuse cannot fit, and a run that fits is never refused."""
 
+import dataclasses
 import os
 
 import jax
@@ -10,9 +11,6 @@ import jax.numpy as jnp
 
 from .config import UserError
 from .model import DTYPES, GPTConfig
-
-ADAMW_BYTES = 16  # per parameter while training: float32 params, gradients, AdamW's two moments
-
 
 class OutOfMemoryError(UserError):
     """A run that cannot fit in this machine's memory."""
@@ -31,27 +29,40 @@ def param_count(config: GPTConfig) -> int:
 
 def activation_bytes(config: GPTConfig, rows: int) -> int:
     """What one forward and backward pass over `rows` windows of block_size tokens holds for the backward pass:
-    per layer about 17 values per token and channel plus the attention probabilities (one layer's with remat),
-    and the float32 logits with their gradient."""
+    per layer about 17 values per token and channel plus the attention probabilities (remat "full": one
+    layer's, and each layer's input; "dots": each layer's 9 matmul outputs per channel, and one layer's), and
+    the float32 logits with their gradient."""
     T, C, N = config.block_size, config.n_embd, config.n_head
     logits = 2 * 4 * rows * T * config.vocab_size
     if not config.has_attention:
         return logits
-    per_layer = rows * T * (17 * C + N * T) * jnp.dtype(DTYPES[config.dtype]).itemsize
-    return logits + per_layer * (1 if config.remat else config.n_layer)
+    size = jnp.dtype(DTYPES[config.dtype]).itemsize
+    per_layer = rows * T * (17 * C + N * T) * size
+    kept = {"none": per_layer * config.n_layer, "full": per_layer + rows * T * C * size * config.n_layer,
+            "dots": per_layer + rows * T * 9 * C * size * config.n_layer}[config.remat]
+    return logits + kept
 
 
-def remat_saves_memory() -> bool:
-    """XLA:CPU drops the optimization barriers that jax.checkpoint puts around a block, and common-subexpression
-    elimination then merges the recomputed forward pass into the saved one: on a CPU remat keeps every layer's
-    activations (the compiled step's temp memory is the same with and without it)."""
-    return jax.default_backend() != "cpu"
+def remat_saves_memory(scan_layers: bool, platform: str | None = None) -> bool:
+    """With the layers unrolled, XLA:CPU drops the optimization barriers that jax.checkpoint puts around a
+    block, and common-subexpression elimination then merges the recomputed forward pass into the saved one:
+    on a CPU remat then keeps every layer's activations. A scanned layer loop keeps them apart
+    (tests/test_memory.py checks both against the compiled step)."""
+    return scan_layers or (platform or jax.default_backend()) != "cpu"
 
 
-def training_bytes(config: GPTConfig, rows: int, devices: int, fsdp: int) -> int:
-    """One training step on `devices` devices, `rows` windows per pass over all of them: the state, sharded over
-    fsdp and copied on each data-parallel replica, and the activations."""
-    return ADAMW_BYTES * param_count(config) * max(devices // fsdp, 1) + activation_bytes(config, rows)
+def training_bytes(config: GPTConfig, rows: int, fsdp: int, steps: int = 1) -> int:
+    """One device's memory for a training step, `rows` windows per micro-batch on that device, `steps`
+    micro-batches: the float32 params and AdamW's two moments (split fsdp ways), the gradient accumulator and
+    the micro-batch's gradient (whole with data parallelism; split under FSDP, which holds whole only the
+    embeddings and ln_f and one layer's weights at a time, with their gradients), and the activations."""
+    n, per_layer = param_count(config), param_count(dataclasses.replace(config, n_layer=1)) - param_count(
+        dataclasses.replace(config, n_layer=0))
+    grads = (2 if steps > 1 else 1) * 4 * n
+    if fsdp > 1:
+        outside = n - per_layer * config.n_layer
+        grads = grads // fsdp + 2 * 4 * (outside + per_layer)
+    return 12 * n // fsdp + grads + activation_bytes(config, rows)
 
 
 def generate_bytes(config: GPTConfig, batch: int, prompt: int, new_tokens: int) -> int:
@@ -75,12 +86,20 @@ def device_bytes() -> int:
     return sum(limits) if limits and all(limits) else host_bytes()
 
 
+def per_device_bytes() -> int:
+    """One device's share: its memory_stats' limit, or the host's memory over its CPU devices."""
+    return device_bytes() // len(jax.local_devices())
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def refuse_unless_it_fits(need: int, what: str, advice: str) -> None:
-    """One line with both figures when `need` bytes (over all processes) exceed the memory of the run's devices."""
-    have = device_bytes() * jax.process_count()
+def refuse_unless_it_fits(need: int, what: str, advice: str, per_device: bool = False) -> None:
+    """One line with both figures when `need` bytes (over all processes; or, per_device, on each device)
+    exceed the memory of the run's devices."""
+    have = per_device_bytes() if per_device else device_bytes() * jax.process_count()
     if need > have:
-        raise OutOfMemoryError(f"{what} needs about {gib(need)} of memory and this machine has {gib(have)}: {advice}")
+        where = "each device has" if per_device else "this machine has"
+        raise OutOfMemoryError(f"{what} needs about {gib(need)}{' per device' if per_device else ''} of memory and "
+                               f"{where} {gib(have)}: {advice}")

@@ -1,17 +1,23 @@
 """GPT-2 (and the lecture's bigram model) as pure-functional Flax linen modules.
 
-Parameter names mirror HuggingFace GPT-2 (wte, wpe, h_N/ln_1, attn/c_attn, ...) so that the released
-weights map key for key. Parameters are float32; `dtype` is the compute dtype of the activations.
+Parameter names mirror HuggingFace GPT-2 (wte, wpe, h/ln_1, attn/c_attn, ...) so that the released
+weights map key for key. The n_layer blocks are one module `h` run by `nn.scan`: each of its parameters
+carries a leading layer axis (HF's h.N.attn.c_attn.weight is h/attn/c_attn/kernel[N]), so the compiled
+program holds one layer body whatever the depth. Parameters are float32; `dtype` is the compute dtype of
+the activations.
 Shapes are in the names: B batch, T tokens of this call, R = B x T rows, S cached positions, C n_embd, N heads,
-H head size, O a layer's outputs, V vocabulary. Errors are plain `ValueError`s; the command line words them as options.
+H head size, O a layer's outputs, V vocabulary, L layers. Errors are plain `ValueError`s; the command line words them as options.
 """
 
 import dataclasses
 import math
+import re
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -28,7 +34,14 @@ class GPTConfig:
     model: str = "gpt"  # "gpt" or "bigram"
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attn_impl: str | None = None  # jax.nn.dot_product_attention implementation: None, "xla" or "cudnn"
-    remat: bool = False  # recompute each block in the backward pass: less memory, more compute
+    remat: str = "none"  # what a block keeps for the backward pass: REMAT_POLICIES' names
+    scan_layers: bool = True  # one compiled layer body looped n_layer times; False unrolls the loop
+
+    def __post_init__(self):
+        if isinstance(self.remat, bool):  # records and callers from before the policies: True was "full"
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
 
     @property
     def compute_dtype(self):
@@ -40,8 +53,16 @@ class GPTConfig:
         return self.model == "gpt"
 
 
-# A key/value cache: one (k, v) pair per layer, each (B, n_head, S, head_size), S <= block_size positions.
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+# What each block keeps for its backward pass. "none": everything (fastest, most memory); "full": only its
+# input, the rest recomputed; "dots": the outputs of its weight products, the elementwise work recomputed.
+REMAT_POLICIES = {"none": jax.checkpoint_policies.everything_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# The name of a layer's parameters as a `gather` hook returns them: never kept for the backward pass.
+GATHERED = "gathered_layer_params"
+
+# A key/value cache: keys and values of every layer, each (L, B, n_head, S, head_size), S <= block_size positions.
+KVCache = tuple[jax.Array, jax.Array]
 
 
 def on_rows(linear, x_BTC):
@@ -147,10 +168,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer layer, in nn.scan's form: (carry x, this layer's cache or None, pos, deterministic)
+    -> (x, this layer's updated cache)."""
+
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BTC, deterministic: bool, kv=None, pos=None):
+    def __call__(self, x_BTC, kv, pos, deterministic: bool):
         a, kv = CausalSelfAttention(self.config, name="attn")(
             _layer_norm(self.config, "ln_1")(x_BTC), deterministic, kv, pos)
         x_BTC = x_BTC + a
@@ -158,15 +182,36 @@ class Block(nn.Module):
         return x_BTC, kv
 
 
+def layers(config: GPTConfig, gather: Callable | None = None) -> nn.Module:
+    """The n_layer blocks as one module: parameters stacked on a leading layer axis, run by nn.scan (or the
+    same loop unrolled). `gather(layer_params) -> layer_params` runs inside the loop on each layer's slice
+    (FSDP's per-layer all-gather); what it returns is recomputed in the backward pass, never kept, so a
+    device holds one layer's whole weights at a time."""
+    block, policy = Block, REMAT_POLICIES[config.remat]
+    if gather is not None:
+        def named(variables):  # cast here, so that no compute-dtype copy of the weights is kept either
+            return jax.tree.map(lambda x: checkpoint_name(x.astype(config.compute_dtype), GATHERED), gather(variables))
+        block = nn.map_variables(block, "params", trans_in_fn=named)
+        if config.remat == "none":
+            policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
+    if gather is not None or config.remat != "none":
+        # static_argnums counts self as 0: `deterministic` (argument 4) is a Python bool, not traced
+        block = nn.remat(block, policy=policy, prevent_cse=not config.scan_layers, static_argnums=(4,))
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast), length=config.n_layer,
+                   unroll=1 if config.scan_layers else config.n_layer)(config, name="h")
+
+
 class GPT(nn.Module):
     """GPT-2. Returns (logits (B, T, vocab) float32, updated cache or None).
 
     With `cache` (from `init_cache`), the tokens are taken to sit at positions pos..pos+T-1 and
     attend to the cached keys and values; without it, the whole causal sequence is computed.
-    `last_only` computes logits for the last position only (sampling needs no more).
+    `last_only` computes logits for the last position only (sampling needs no more). `gather`: see `layers`.
     """
 
     config: GPTConfig
+    gather: Callable | None = None
 
     @nn.compact
     def __call__(self, idx_BT, deterministic: bool = True, cache: KVCache | None = None, pos=0,
@@ -181,15 +226,10 @@ class GPT(nn.Module):
         wpe = nn.Embed(c.block_size, c.n_embd, name="wpe", **emb)
         x_BTC = wte(idx_BT) + wpe(pos + jnp.arange(T))[None]
         x_BTC = nn.Dropout(c.dropout)(x_BTC, deterministic=deterministic)
-        # static_argnums counts self as 0: `deterministic` (argument 2) is a Python bool, not traced
-        block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block
-        new_cache = []
-        for i in range(c.n_layer):
-            x_BTC, kv = block(c, name=f"h_{i}")(x_BTC, deterministic, None if cache is None else cache[i], pos)
-            new_cache.append(kv)
+        x_BTC, cache = layers(c, self.gather)(x_BTC, cache, pos, deterministic)
         x_BTC = _layer_norm(c, "ln_f")(x_BTC[:, -1:] if last_only else x_BTC)
         logits_BTV = on_rows(wte.attend, x_BTC).astype(jnp.float32)  # weight tying: lm_head = wte
-        return logits_BTV, None if cache is None else tuple(new_cache)
+        return logits_BTV, cache
 
 
 class Bigram(nn.Module):
@@ -205,17 +245,39 @@ class Bigram(nn.Module):
         return table(idx_BT[:, -1:] if last_only else idx_BT).astype(jnp.float32), cache
 
 
-def make_model(config: GPTConfig) -> nn.Module:
-    models = {"gpt": GPT, "bigram": Bigram}
-    if config.model not in models:
-        raise ValueError(f"unknown model {config.model!r}: use one of {sorted(models)}")
-    return models[config.model](config)
+def make_model(config: GPTConfig, gather: Callable | None = None) -> nn.Module:
+    """The model `config` names; `gather` (the GPT's per-layer hook, see `layers`) is FSDP's."""
+    if config.model == "gpt":
+        return GPT(config, gather)
+    if config.model == "bigram":
+        return Bigram(config)
+    raise ValueError(f"unknown model {config.model!r}: use one of bigram, gpt")
+
+
+class _Layer(nn.Module):
+    """Block i alone, under the name h_i: its init draws the numbers the model has drawn for that layer
+    since before the layers were stacked (flax derives each parameter's key from its path)."""
+
+    config: GPTConfig
+    index: int
+
+    @nn.compact
+    def __call__(self, x_BTC):
+        return Block(self.config, name=f"h_{self.index}")(x_BTC, None, 0, True)
 
 
 def init_params(config: GPTConfig, key: jax.Array):
-    """Freshly initialised float32 parameters (GPT-2 init)."""
+    """Freshly initialised float32 parameters (GPT-2 init). Layer i is drawn under its own name h_i and the
+    layers then stacked: the same numbers, run for run, as when each layer was a module of its own."""
     dummy = jnp.zeros((1, min(config.block_size, 8)), jnp.int32)
-    return make_model(config).init(key, dummy)["params"]
+    if not config.has_attention:
+        return make_model(config).init(key, dummy)["params"]
+    x = jnp.zeros((1, 1, config.n_embd), config.compute_dtype)
+    drawn = [_Layer(config, i).init(key, x)["params"][f"h_{i}"] for i in range(config.n_layer)]
+    # wte, wpe and ln_f from a one-layer model: their draws do not depend on the depth, and its h is dropped.
+    one_layer = make_model(dataclasses.replace(config, n_layer=1))
+    params = {n: p for n, p in one_layer.init(key, dummy)["params"].items() if n != "h"}
+    return {**params, "h": jax.tree.map(lambda *layer: jnp.stack(layer), *drawn)}
 
 
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) -> KVCache:
@@ -224,9 +286,49 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) ->
     less to read per token."""
     if not config.has_attention:
         return ()
-    shape = (batch_size, config.n_head, length or config.block_size, config.n_embd // config.n_head)
-    return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
-                 for _ in range(config.n_layer))
+    shape = (config.n_layer, batch_size, config.n_head, length or config.block_size, config.n_embd // config.n_head)
+    return jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)
+
+
+# ------------------------------------------------------------------------------- stacked and per-layer trees
+
+_LAYER = re.compile(r"h_(\d+)")
+
+
+def _map_dicts(f, tree):
+    """f applied to every dict of a tree, innermost first (params, and AdamW's moments inside optax's tuples)."""
+    if isinstance(tree, dict):
+        return f({k: _map_dicts(f, v) for k, v in tree.items()})
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map_dicts(f, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_dicts(f, v) for v in tree)
+    return tree
+
+
+def stack_layers(tree):
+    """Layers h_0 .. h_{L-1}, each a module of its own (HF's h.N, checkpoints before record version 3) -> one
+    `h` whose leaves carry a leading layer axis, wherever such layers sit in the tree."""
+    def stack(d):
+        index = sorted(int(m.group(1)) for k in d if (m := _LAYER.fullmatch(k)))
+        if not index:
+            return d
+        rest = {k: v for k, v in d.items() if not _LAYER.fullmatch(k)}
+        return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *(d[f"h_{i}"] for i in index))}
+
+    return _map_dicts(stack, tree)
+
+
+def unstack_layers(tree, take=lambda x, i: x[i]):
+    """The inverse of stack_layers; `take(leaf, i)` is layer i of a stacked leaf (abstract trees pass their own)."""
+    def unstack(d):
+        if "h" not in d:
+            return d
+        n = jax.tree_util.tree_leaves(d["h"])[0].shape[0]
+        rest = {k: v for k, v in d.items() if k != "h"}
+        return {**rest, **{f"h_{i}": jax.tree.map(lambda x, i=i: take(x, i), d["h"]) for i in range(n)}}
+
+    return _map_dicts(unstack, tree)
 
 
 def cross_entropy(logits_BTV, targets_BT):

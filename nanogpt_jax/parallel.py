@@ -4,9 +4,13 @@ train state lives, and how gradients are reduced. Everything that builds, restor
 
 The mesh has two axes, `data` and `fsdp`, over every device of every process; each micro-batch's rows are
 split over all of them. With fsdp=1 the state is replicated (data parallelism); with fsdp=F every matrix
-of the params and of the AdamW moments is split F ways along one dimension (FSDP), and each device
-gathers the whole params for the step. Either way each device accumulates the gradients of its own rows
-over the micro-batches, and they are reduced once per optimizer step (`per_device_grads`).
+of the params and of the AdamW moments is split F ways along one dimension (FSDP, never the layer axis of
+the stacked blocks). Each device works on its own rows of every micro-batch (`per_device_grads`). With
+data parallelism it accumulates whole gradients and they are reduced once per optimizer step. Under FSDP
+each device gathers one layer's weights at a time, inside the layer loop, and regathers them in the
+backward pass; each layer's gradient is reduce-scattered as it is made, so the accumulator stays sharded
+and no device ever holds the whole model or a whole-size gradient (the embeddings and ln_f, outside the
+loop, are gathered once per micro-batch).
 
 `--parallel=pmap` runs the same step under `jax.pmap` (JAX keeps pmap in maintenance mode, built on jit and
 shard_map, so the mesh is the default): the state carries a leading device axis, gradients are `pmean`ed
@@ -14,7 +18,10 @@ after the accumulation scan, and checkpoints hold the state without that axis.
 """
 
 import dataclasses
+import glob
+import importlib.util
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,18 @@ def use_all_cpu_cores() -> None:
         jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
     if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_collective_call_terminate_timeout_seconds=600".strip()
+
+
+def quiet_libtpu() -> None:
+    """With libtpu installed (for `compile --topology`) on a machine without a TPU, every jax process would ask
+    the cloud metadata server about its TPU and print libtpu's warnings; say there is none to ask about, and let
+    several processes load libtpu at once. Before any JAX computation; a TPU VM and the user's settings are
+    left alone."""
+    if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return
+    for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                        ("TPU_ACCELERATOR_TYPE", "v5litepod-8"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(name, value)
 
 
 def _cluster_launched() -> bool:
@@ -73,6 +92,7 @@ class Layout:
     steps: int  # micro-batches per optimizer step (gradient accumulation)
     rows: int  # rows per micro-batch, over all devices
     pmap: bool = False
+    available: int = 0  # devices there were to choose from
 
     @property
     def devices(self) -> int:
@@ -83,15 +103,17 @@ class Layout:
         return self.mesh.shape["fsdp"]
 
     def describe(self) -> str:
-        return (f"{jax.process_count()} process(es), {self.devices} of {jax.device_count()} devices "
+        processes = len({d.process_index for d in self.mesh.devices.flat})
+        return (f"{processes} process(es), {self.devices} of {self.available} devices "
                 f"({self.mesh.devices.flat[0].device_kind}), {'pmap' if self.pmap else 'mesh'} "
                 f"data={self.mesh.shape['data']} x fsdp={self.fsdp}, {self.rows // self.devices} row(s) per device "
                 f"x {self.steps} micro-batch(es) per step")
 
 
 def plan(accum_steps: int, batch_size: int, micro_batch_size: int, *, fsdp: int = 1, num_devices: int = 0,
-         pmap: bool = False) -> Layout:
-    """Lay out A x B rows per step over the devices, keeping nanoGPT's meaning of the batch.
+         pmap: bool = False, devices=None) -> Layout:
+    """Lay out A x B rows per step over the devices (default: every device of every process; a TPU
+    topology's to compile for it), keeping nanoGPT's meaning of the batch.
 
     Micro-batches of M rows (M = micro_batch_size or B); when the devices outnumber a micro-batch's rows,
     micro-batches are folded into wider ones (fewer accumulation steps, the same rows). num_devices=0 uses
@@ -99,7 +121,8 @@ def plan(accum_steps: int, batch_size: int, micro_batch_size: int, *, fsdp: int 
     M = micro_batch_size or batch_size
     if batch_size % M:
         raise ConfigError(f"--micro_batch_size={micro_batch_size} must divide --batch_size={batch_size}")
-    total, available = accum_steps * batch_size, jax.device_count()
+    devices = list(jax.devices() if devices is None else devices)
+    total, available = accum_steps * batch_size, len(devices)
     if num_devices > available or (num_devices and num_devices % fsdp):
         raise ConfigError(f"--num_devices={num_devices}: need at most {available} devices and a multiple of "
                           f"--fsdp={fsdp}")
@@ -108,21 +131,22 @@ def plan(accum_steps: int, batch_size: int, micro_batch_size: int, *, fsdp: int 
     wanted = num_devices or available
     for k in range(1, total // M + 1):  # fold k micro-batches into one, fewest first
         if (total // M) % k == 0 and (M * k) % wanted == 0:
-            return Layout(_mesh(wanted, fsdp), total // (M * k), M * k, pmap)
+            return Layout(make_mesh(devices[:wanted], fsdp), total // (M * k), M * k, pmap, available)
     fits = [n for n in range(fsdp, wanted + 1, fsdp) if M % n == 0]
     if num_devices or not fits:
         raise ConfigError(f"--num_devices={wanted} (--fsdp={fsdp}): no layout of {accum_steps} x {batch_size} rows "
                           f"in micro-batches of {M} gives every device the same number of rows; change "
                           "--num_devices, --fsdp, --batch_size or --micro_batch_size")
-    return Layout(_mesh(max(fits), fsdp), total // M, M, pmap)
+    return Layout(make_mesh(devices[:max(fits)], fsdp), total // M, M, pmap, available)
 
 
-def _mesh(n: int, fsdp: int) -> Mesh:
-    return Mesh(np.array(jax.devices()[:n]).reshape(n // fsdp, fsdp), ("data", "fsdp"))
+def make_mesh(devices, fsdp: int) -> Mesh:
+    """A (data, fsdp) mesh over `devices`, fsdp of them per data-parallel group."""
+    return Mesh(np.array(devices).reshape(len(devices) // fsdp, fsdp), ("data", "fsdp"))
 
 
 def single_device_mesh() -> Mesh:
-    return _mesh(1, 1)
+    return make_mesh(jax.devices()[:1], 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -142,9 +166,20 @@ def _is_spec(x) -> bool:
     return isinstance(x, P)  # a PartitionSpec is a tuple: without this, tree.map would walk into it
 
 
+def _stacked(path) -> bool:
+    """A leaf of the stacked blocks (params["h"], or the AdamW moments' "h"): its first axis is the layer."""
+    return any(getattr(k, "key", None) == "h" for k in path)
+
+
 def state_specs(tree, fsdp: int):
-    """A PartitionSpec per leaf of a params / optimizer-state tree (real or abstract arrays)."""
-    return jax.tree.map(lambda x: leaf_spec(tuple(x.shape), fsdp), tree)
+    """A PartitionSpec per leaf of a params / optimizer-state tree (real or abstract arrays); a stacked
+    block leaf is split as one layer's would be, its layer axis kept whole."""
+    def spec(path, x):
+        if _stacked(path):
+            return P(None, *leaf_spec(tuple(x.shape[1:]), fsdp))
+        return leaf_spec(tuple(x.shape), fsdp)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 def state_shardings(mesh: Mesh, tree):
@@ -173,27 +208,45 @@ def put_replicated(mesh: Mesh, x) -> jax.Array:
 # ------------------------------------------------------------------------------------------- gradients
 
 
-def per_device_grads(grads_fn, mesh: Mesh, param_specs):
-    """`grads_fn(params, batch, key) -> (loss, grads)` run by every device on its own rows of each
-    micro-batch (batch: (A, M, T) arrays), the gradients reduced once, after the accumulation.
+def per_device_grads(grads_for, mesh: Mesh, param_specs):
+    """The step's (loss, grads) with every device on its own rows of each micro-batch (batch: (A, M, T)
+    arrays). `grads_for(gather)` builds `grads_fn(params, batch, key) -> (loss, grads)` (accumulating over the
+    micro-batches) around a model whose layer loop calls `gather` on each layer's params, or None.
 
-    Under FSDP each device first gathers the whole params and at the end keeps only its shard of the
-    gradient sum (reduce-scatter). Dropout draws differ per device (the key is folded with its index)."""
+    Data parallelism: whole gradients, reduced once after the accumulation. FSDP: each layer's weights are
+    all-gathered inside the loop; the gradient of that all-gather is a reduce-scatter, so each layer's
+    gradient arrives summed over the fsdp axis and sharded, and only the data axis is left to reduce. The
+    other params are gathered whole before the pass, their gradients reduce-scattered at the end. Dropout
+    draws differ per device (the key is folded with its index)."""
     n = mesh.size
+    per_layer = mesh.shape["fsdp"] > 1 and "h" in param_specs
 
-    def gather(x, spec):
-        return jax.lax.all_gather(x, "fsdp", axis=spec.index("fsdp"), tiled=True) if "fsdp" in spec else x
+    def gather(x, spec, layer_axis=0):  # layer_axis 1: x is one layer's slice of a stacked leaf
+        if "fsdp" not in spec:
+            return x
+        return jax.lax.all_gather(x, "fsdp", axis=spec.index("fsdp") - layer_axis, tiled=True)
 
-    def reduce(g, spec):
+    def reduce(g, spec, summed_over_fsdp=False):
         if "fsdp" in spec:
-            g = jax.lax.psum_scatter(g, "fsdp", scatter_dimension=spec.index("fsdp"), tiled=True)
+            if not summed_over_fsdp:
+                g = jax.lax.psum_scatter(g, "fsdp", scatter_dimension=spec.index("fsdp"), tiled=True)
             return jax.lax.psum(g, "data") / n
         return jax.lax.psum(g, BATCH) / n
 
+    def gather_layer(variables):
+        return {"params": jax.tree.map(partial(gather, layer_axis=1), variables["params"], param_specs["h"],
+                                       is_leaf=_is_spec)}
+
+    grads_fn = grads_for(gather_layer if per_layer else None)
+
     def local(params, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(BATCH))
-        loss, grads = grads_fn(jax.tree.map(gather, params, param_specs, is_leaf=_is_spec), batch, key)
-        return jax.lax.pmean(loss, BATCH), jax.tree.map(reduce, grads, param_specs, is_leaf=_is_spec)
+        whole = {k: v if per_layer and k == "h" else jax.tree.map(gather, v, param_specs[k], is_leaf=_is_spec)
+                 for k, v in params.items()}
+        loss, grads = grads_fn(whole, batch, key)
+        grads = {k: jax.tree.map(partial(reduce, summed_over_fsdp=per_layer and k == "h"), g, param_specs[k],
+                                 is_leaf=_is_spec) for k, g in grads.items()}
+        return jax.lax.pmean(loss, BATCH), grads
 
     rows = P(None, BATCH)
     return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, (rows, rows), P()), out_specs=(P(), param_specs),

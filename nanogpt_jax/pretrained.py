@@ -1,8 +1,9 @@
 """Load released GPT-2 weights into the Flax GPT, and save a GPT back in HuggingFace's GPT-2 format.
 
-model.py names its parameters after HF GPT-2, so the mapping is a rename, one place (`hf_name`):
-    ('h_3', 'attn', 'c_attn', 'kernel') <-> 'h.3.attn.c_attn.weight'    ('ln_f', 'scale') <-> 'ln_f.weight'
-HF's Conv1D stores weights [in, out], as a Flax Dense kernel does, so no tensor is transposed.
+model.py names its parameters after HF GPT-2, so the mapping is a rename, one place (`hf_name`), plus the
+layer axis of the stacked blocks: layer 3 of ('h', 'attn', 'c_attn', 'kernel') <-> 'h.3.attn.c_attn.weight',
+('ln_f', 'scale') <-> 'ln_f.weight'. HF's Conv1D stores weights [in, out], as a Flax Dense kernel does, so
+no tensor is transposed.
 
 Sources: a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, also under openai-community/), a local folder
 holding config.json + model.safetensors (or pytorch_model.bin), or a .safetensors file with config.json
@@ -47,6 +48,10 @@ _HF_FIXED = {
 }
 
 
+# The released models' sizes (their config.json files), so that a config can be checked without a download.
+KNOWN_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}
+
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "n_ctx", "vocab_size", "n_inner")
 
 
@@ -57,15 +62,17 @@ class PretrainedError(UserError):
 # --------------------------------------------------------------------------------------------- the mapping
 
 
-def hf_name(path: tuple[str, ...]) -> str:
-    """Flax parameter path -> HF GPT-2 key (hub layout, no `transformer.` prefix)."""
+def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
+    """Flax parameter path (and layer, for the stacked blocks under h) -> HF GPT-2 key (hub layout, no
+    `transformer.` prefix)."""
     *modules, leaf = path
-    modules = [re.sub(r"^h_(\d+)$", r"h.\1", m) for m in modules]
+    modules = [f"h.{layer}" if m == "h" else m for m in modules]
     return ".".join(modules + [_LEAF_TO_HF[leaf]])
 
 
-def hf_layout(config: GPTConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """HF key -> (Flax path, shape) for every parameter of `config`'s GPT; load and save both go through this.
+def hf_layout(config: GPTConfig) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
+    """HF key -> (Flax path, layer or None, the HF tensor's shape) for every parameter of `config`'s GPT; load
+    and save both go through this.
 
     The tree comes from the model itself (jax.eval_shape allocates nothing), so it cannot drift from model.py.
     """
@@ -73,7 +80,11 @@ def hf_layout(config: GPTConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, 
     layout = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         path = tuple(k.key for k in key_path)
-        layout[hf_name(path)] = (path, tuple(leaf.shape))
+        if path[0] == "h":
+            for i in range(leaf.shape[0]):
+                layout[hf_name(path, i)] = (path, i, tuple(leaf.shape[1:]))
+        else:
+            layout[hf_name(path)] = (path, None, tuple(leaf.shape))
     return layout
 
 
@@ -117,6 +128,17 @@ def from_pretrained(name_or_path, *, dtype: str = "float32") -> tuple[GPTConfig,
     config_path, weights_path = _resolve(str(name_or_path))
     config = _read_config(config_path, dtype)
     return config, _read_params(config, weights_path)
+
+
+def pretrained_config(name_or_path, *, dtype: str = "float32") -> GPTConfig:
+    """The GPTConfig of a released GPT-2 (from its known sizes) or of a saved one (its config.json): nothing is
+    downloaded and no weights are read."""
+    name = str(name_or_path).removeprefix("openai-community/")
+    if name in KNOWN_SIZES:
+        n_layer, n_head, n_embd = KNOWN_SIZES[name]
+        return GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                         dropout=0.0, bias=True, dtype=dtype)
+    return _read_config(_resolve(str(name_or_path))[0], dtype)
 
 
 def _resolve(name: str) -> tuple[Path, Path]:
@@ -201,9 +223,10 @@ def _read_params(config: GPTConfig, weights_path: Path) -> dict:
             problems.append(f"tensor {name} appears twice ({found[name]}, {key})")
         else:
             found[name] = key
-            if shape != layout[name][1]:
-                problems.append(f"{key} has shape {list(shape)}, the config implies {list(layout[name][1])}")
-    problems += [f"missing tensor {name} {list(shape)}" for name, (_, shape) in layout.items() if name not in found]
+            if shape != layout[name][2]:
+                problems.append(f"{key} has shape {list(shape)}, the config implies {list(layout[name][2])}")
+    problems += [f"missing tensor {name} {list(shape)}" for name, (_, _, shape) in layout.items()
+                 if name not in found]
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise PretrainedError(
@@ -213,15 +236,22 @@ def _read_params(config: GPTConfig, weights_path: Path) -> dict:
     refuse_unless_it_fits(4 * param_count(config), f"loading {weights_path} ({param_count(config):,} parameters)",
                           "load it on a machine with more memory")
 
-    # One tensor at a time: converted to float32, copied into a jax array, and the host copy dropped, so
-    # loading holds the growing tree plus one tensor, never two copies of the model.
+    # One stacked leaf at a time: its layers read into one float32 host array, copied into a jax array, and the
+    # host copy dropped, so loading holds the growing tree plus one leaf, never two copies of the model.
+    by_path = {}
+    for name, (path, layer, shape) in layout.items():
+        by_path.setdefault(path, []).append((name, layer, shape))
     params = {}
-    for name, (path, _) in layout.items():
-        array = jnp.asarray(read(found[name]).astype(np.float32, copy=False))
+    for path, tensors in by_path.items():
+        _, layer, shape = tensors[0]
+        host = np.empty(shape if layer is None else (len(tensors), *shape), np.float32)
+        for name, layer, _ in tensors:
+            host[() if layer is None else layer] = read(found[name])
         node = params
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = array
+        node[path[-1]] = jnp.asarray(host)
+        del host
     return params
 
 
@@ -281,6 +311,13 @@ def _refuse_integer_tensors(path: Path, dtypes: dict) -> None:
                               f"{f', and {len(wrong) - 1} more' if len(wrong) > 1 else ''}): GPT-2 weights are floats")
 
 
+def hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
+    """HF key -> float32 host array of every parameter: the stacked blocks cut into their layers."""
+    leaves = {tuple(k.key for k in kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {name: np.asarray(leaves[path] if layer is None else leaves[path][layer], dtype=np.float32)
+            for name, (path, layer, _) in hf_layout(config).items()}
+
+
 def refuse_existing_model(folder, what: str) -> None:
     """An export never writes over a folder that holds a model's files."""
     present = [name for name in ("config.json", "model.safetensors", "pytorch_model.bin")
@@ -301,17 +338,18 @@ def save_pretrained(config: GPTConfig, params, folder) -> None:
                               "cannot be saved in its format")
     layout = hf_layout(config)
     leaves = {tuple(k.key for k in kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    expected = {path: (name, shape) for name, (path, shape) in layout.items()}
+    expected = {path: (shape if layer is None else (config.n_layer, *shape))
+                for path, layer, shape in layout.values()}
     problems = [f"unexpected parameter {'/'.join(p)}" for p in leaves if p not in expected]
     problems += [f"missing parameter {'/'.join(p)}" for p in expected if p not in leaves]
     problems += [f"{'/'.join(p)} has shape {list(leaves[p].shape)}, the config implies {list(s)}"
-                 for p, (_, s) in expected.items() if p in leaves and tuple(leaves[p].shape) != s]
+                 for p, s in expected.items() if p in leaves and tuple(leaves[p].shape) != s]
     if problems:
         raise PretrainedError("params do not match the config: " + "; ".join(problems))
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
-    tensors = {name: np.asarray(leaves[path], dtype=np.float32) for name, (path, _) in layout.items()}
+    tensors = hf_tensors(config, params)
     # transformers refuses safetensors files without format metadata.
     safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

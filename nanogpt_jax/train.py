@@ -7,7 +7,6 @@ import signal
 import socket
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -15,69 +14,25 @@ import numpy as np
 from etils import epath
 
 from . import data, mfu, parallel
-from .checkpoint import Checkpointer, RunRecord, abstract, refuse_existing_run
+from .checkpoint import Checkpointer, RunRecord, refuse_existing_run
 from .config import ConfigError, TrainConfig, UserError, options_set
-from .load import abstract_params, crop, folder_meta, model_config, with_runtime
-from .memory import param_count, refuse_unless_it_fits, remat_saves_memory, training_bytes
-from .model import GPTConfig, init_params, make_model, num_params
-from .optim import get_lr, make_optimizer
+from .load import crop, folder_meta, model_config, runtime, with_runtime
+from .memory import (OutOfMemoryError, gib, param_count, per_device_bytes, refuse_unless_it_fits, remat_saves_memory,
+                     training_bytes)
+from .model import GPTConfig, init_params, num_params
+from .optim import get_lr
 from .pretrained import from_pretrained
+from .program import CompiledTooBigError, Program
 from .tracking import MetricsLog, on_object_store
-from .step import TrainState, accumulate_grads, eval_step, train_step
 
 
-class Run:
-    """What a training run is made of: data, model, optimizer, layout over the devices, jitted functions."""
+class Run(Program):
+    """A training run: its program (layout, shardings, jitted steps) and the data it reads."""
 
     def __init__(self, cfg: TrainConfig, config: GPTConfig):
-        self.cfg, self.config = cfg, config
+        super().__init__(cfg, config)
         # meta: the vocabulary, kept in checkpoints for sampling
         self.splits, self.meta = data.open_dataset(Path(cfg.data_dir) / cfg.dataset)
-        self.model = make_model(config)
-        self.tx = make_optimizer(cfg)
-        self.layout = parallel.plan(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.micro_batch_size,
-                                    fsdp=cfg.fsdp, num_devices=cfg.num_devices, pmap=cfg.parallel == "pmap")
-        self.mesh = mesh = self.layout.mesh
-        shapes = abstract_params(config)
-        abstract_state = TrainState(shapes, jax.eval_shape(self.tx.init, shapes))
-        self.shardings = parallel.state_shardings(mesh, abstract_state)  # also the layout checkpoints restore to
-        self.abstract_state = abstract(abstract_state, self.shardings)
-        grads = partial(accumulate_grads, model=self.model)
-        rep = parallel.replicated(mesh)
-        if self.layout.pmap:
-            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(grads),
-                                    skip_nonfinite=cfg.skip_nonfinite_steps),
-                            axis_name="devices", in_axes=(0, 0, None), donate_argnums=0)
-            self.step = lambda state, batch, key: _first_loss(step(state, batch, key))
-        else:
-            grads_fn = parallel.per_device_grads(grads, mesh, parallel.state_specs(shapes, self.layout.fsdp))
-            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn,
-                                        skip_nonfinite=cfg.skip_nonfinite_steps),
-                                donate_argnums=0, in_shardings=(self.shardings, parallel.batch_sharding(mesh, 1), rep),
-                                out_shardings=(self.shardings, rep))
-        # Evaluation batches split over the devices when batch_size allows it, else every device sees them all.
-        eval_rows = parallel.batch_sharding(mesh, 0) if cfg.batch_size % mesh.size == 0 else rep
-        self.eval = jax.jit(partial(eval_step, model=self.model), in_shardings=(self.shardings.params, eval_rows),
-                            out_shardings=rep)
-        self.eval_rows = eval_rows
-
-    def init_state(self, params) -> TrainState:
-        """`params` and a fresh optimizer state, placed as the step wants them."""
-        params = jax.device_put(params, self.shardings.params)
-        state = TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
-        return parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state
-
-    def restore_state(self, ckpt: Checkpointer, kind: str = "latest") -> tuple[TrainState, jax.Array]:
-        """(train state, base rng) of the latest (or best) checkpoint, restored straight onto the step's placement."""
-        optimizer = {"opt_state": self.abstract_state.opt_state,
-                     "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=parallel.replicated(self.mesh))}
-        restored = ckpt.restore(kind, params=self.abstract_state.params, optimizer=optimizer)
-        state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
-        return (parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state), restored["optimizer"]["rng"]
-
-    def saved_state(self, state: TrainState) -> TrainState:
-        """The state as checkpoints and evaluation take it: one copy, without pmap's device axis."""
-        return parallel.unstack_from_pmap(self.mesh, state) if self.layout.pmap else state
 
     def record(self, iter_num: int, best_val_loss: float, best_iter: int | None) -> RunRecord:
         return RunRecord(train=dataclasses.asdict(self.cfg), model=dataclasses.asdict(self.config),
@@ -123,12 +78,6 @@ class Run:
         return out
 
 
-def _first_loss(out):
-    """pmap returns one loss (and skipped flag) per device, all equal after the pmean."""
-    state, loss = out
-    return state, jax.tree.map(lambda x: x[0], loss)
-
-
 class NonFiniteLossError(UserError):
     """The loss went NaN or inf: the run stops before anything is saved after it."""
 
@@ -150,15 +99,39 @@ def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
                               "or train into a new --out_dir")
 
 
+MEMORY_ADVICE = "use a smaller model or --block_size, a smaller --batch_size or --micro_batch_size, --remat=full, or --fsdp"
+
+
+def _training(config: GPTConfig, devices: int) -> str:
+    return (f"training {param_count(config):,} parameters (n_layer={config.n_layer}, n_embd={config.n_embd}, "
+            f"block_size={config.block_size}) on {devices} device(s)")
+
+
 def _refuse_too_big(cfg: TrainConfig, config: GPTConfig) -> None:
-    """Before anything is built: the state and one pass's activations must fit in the devices' memory."""
+    """Before anything is built, from the config alone: the state and one pass's activations must fit each
+    device (an absurd size is refused before its parameters are drawn)."""
     devices = cfg.num_devices or jax.device_count()
-    config = dataclasses.replace(config, remat=config.remat and remat_saves_memory())
-    need = training_bytes(config, cfg.micro_batch_size or cfg.batch_size, devices, cfg.fsdp)
-    refuse_unless_it_fits(need, f"training {param_count(config):,} parameters (n_layer={config.n_layer}, n_embd="
-                          f"{config.n_embd}, block_size={config.block_size}) on {devices} device(s)",
-                          "use a smaller model or --block_size, a smaller --batch_size or --micro_batch_size, "
-                          f"{'--remat=True, ' if remat_saves_memory() else ''}or --fsdp")
+    if not remat_saves_memory(config.scan_layers):
+        config = dataclasses.replace(config, remat="none")
+    need = training_bytes(config, max(1, (cfg.micro_batch_size or cfg.batch_size) // devices), cfg.fsdp)
+    refuse_unless_it_fits(need, _training(config, devices), MEMORY_ADVICE, per_device=True)
+
+
+def _compile_and_check(run: Run, log) -> None:
+    """The train step compiled before any state is placed (its first call would compile it anyway), and its
+    compiled per-device peak held against one device's memory: a run that cannot fit stops here."""
+    if run.layout.pmap:
+        return
+    have = per_device_bytes()
+    try:
+        executable, figures = run.compile_step()
+    except CompiledTooBigError as e:
+        raise OutOfMemoryError(f"{_training(run.config, run.mesh.size)}: {e}; {MEMORY_ADVICE}") from None
+    if figures.peak_bytes > have:
+        raise OutOfMemoryError(f"{_training(run.config, run.mesh.size)} needs {gib(figures.peak_bytes)} per device "
+                               f"(compiled) and each device has {gib(have)}: {MEMORY_ADVICE}")
+    log(f"compiled the train step in {figures.seconds:.1f} s: {gib(figures.peak_bytes)} per device")
+    run.step = executable
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
@@ -166,7 +139,7 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
     None on resume (they are restored once the run's layout is known)."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
     _, meta = data.open_dataset(dataset_dir)  # fails early if it is not prepared
-    runtime = dict(dtype=cfg.dtype, dropout=cfg.dropout, attn_impl=cfg.attn_impl, remat=cfg.remat)
+    options = runtime(cfg)
     if cfg.init_from == "scratch":
         refuse_existing_run(cfg.out_dir, "continue it with --init_from=resume, or train into a new --out_dir")
         config = model_config(cfg, meta["vocab_size"] if meta else 50304)
@@ -177,13 +150,13 @@ def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
         _refuse_other_architecture(cfg, record.config)
         data.check_vocabulary(record.meta, meta, dataset_dir)
         # The architecture comes from the checkpoint; dropout and the system options from the command line.
-        config = with_runtime(record.config, **runtime)
+        config = with_runtime(record.config, **options)
         _refuse_too_big(cfg, config)
         return config, None, None, record.iter_num, record.best_val_loss
     refuse_existing_run(cfg.out_dir, "finetune into a new --out_dir")
     data.check_vocabulary(folder_meta(cfg.init_from), meta, dataset_dir)
     config, params = from_pretrained(cfg.init_from)
-    config = with_runtime(config, **runtime)
+    config = with_runtime(config, **options)
     if cfg.block_size != config.block_size:
         config, params = crop(config, params, cfg.block_size)
     _refuse_too_big(cfg, config)
@@ -334,9 +307,10 @@ def _train(cfg, ckpt, out_dir, log, stop):
     log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
         f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
     log(f"layout: {run.layout.describe()}")
-    if config.remat and not remat_saves_memory():
-        log("note: --remat=True saves no memory on a CPU (XLA:CPU merges the recomputation away); "
-            "shard the state with --fsdp instead")
+    if config.remat != "none" and not remat_saves_memory(config.scan_layers):
+        log("note: --remat saves no memory on a CPU with --scan_layers=False (XLA:CPU merges the recomputation "
+            "away); keep the layers scanned, or shard the state with --fsdp")
+    _compile_and_check(run, log)
     wandb = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": dataclasses.asdict(cfg)}
     with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
                     enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:

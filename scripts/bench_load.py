@@ -41,7 +41,7 @@ def write_checkpoint(folder: Path) -> None:
                        n_head=XL["n_head"], n_embd=XL["n_embd"])
     rng = np.random.default_rng(0)
     tensors = {}
-    for name, (_, shape) in hf_layout(config).items():
+    for name, (_, _, shape) in hf_layout(config).items():
         tensors[name] = rng.standard_normal(shape, dtype=np.float32)
         tensors[name] *= 0.02
     mask = np.tril(np.ones((config.block_size, config.block_size), np.float32))[None, None]  # [1, 1, T, T]

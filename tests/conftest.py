@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from nanogpt_jax import cli, parallel  # noqa: E402
+
+parallel.quiet_libtpu()  # libtpu (the test extra's, for TPU topology compiles) on a machine with no TPU: silent
 from nanogpt_jax.checkpoint import Checkpointer  # noqa: E402
 from nanogpt_jax.config import TrainConfig  # noqa: E402
 from nanogpt_jax.data import prepare  # noqa: E402

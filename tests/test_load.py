@@ -17,7 +17,7 @@ from nanogpt_jax.model import GPTConfig, init_params
 from nanogpt_jax.pretrained import from_pretrained
 
 ON_CPU = jax.default_backend() == "cpu"
-RUNTIME = {"dtype", "dropout", "attn_impl", "remat"}  # the options that may change between runs of one model
+RUNTIME = {"dtype", "dropout", "attn_impl", "remat", "scan_layers"}  # the options that may change between runs of one model
 
 
 def test_dtype_choice():
@@ -41,7 +41,7 @@ def test_model_config_copies_every_gptconfig_field_by_name():
     assert [n for n in gpt_fields if n not in train_fields] == ["vocab_size"]
     shared = [n for n in gpt_fields if n in train_fields]
     cfg = TrainConfig(block_size=40, n_layer=3, n_head=3, n_embd=48, dropout=0.25, bias=False, model="bigram",
-                      dtype="bfloat16", attn_impl="xla", remat=True)
+                      dtype="bfloat16", attn_impl="xla", remat=True, scan_layers=False)
     defaults = GPTConfig()
     assert all(getattr(cfg, n) != getattr(defaults, n) for n in shared)  # so a field left at its default shows
     config = model_config(cfg, vocab_size=77)
@@ -51,15 +51,18 @@ def test_model_config_copies_every_gptconfig_field_by_name():
 
 
 def test_with_runtime_keeps_the_architecture_and_replaces_only_the_runtime_options():
-    """with_runtime changes exactly dtype, dropout, attn_impl and remat; every other field is the saved one."""
+    """with_runtime changes exactly dtype, dropout, attn_impl, remat and scan_layers; every other field is the
+    saved one. remat=True is "full" (as before the policies); scan_layers None is the platform's choice."""
     saved = GPTConfig(block_size=40, vocab_size=77, n_layer=3, n_head=3, n_embd=48, dropout=0.0, bias=False,
-                      model="gpt", dtype="float32", attn_impl=None, remat=False)
-    new = with_runtime(saved, dtype="bfloat16", dropout=0.3, attn_impl="xla", remat=True)
+                      model="gpt", dtype="float32", attn_impl=None, remat=False, scan_layers=True)
+    new = with_runtime(saved, dtype="bfloat16", dropout=0.3, attn_impl="xla", remat=True, scan_layers=False)
     changed = {f.name for f in dataclasses.fields(GPTConfig) if getattr(new, f.name) != getattr(saved, f.name)}
     assert changed == RUNTIME
-    assert (new.dtype, new.dropout, new.attn_impl, new.remat) == ("bfloat16", 0.3, "xla", True)
-    assert with_runtime(saved, dtype="auto", dropout=0.0, attn_impl=None, remat=False) == dataclasses.replace(
-        saved, dtype=resolve_dtype("auto"))
+    assert (new.dtype, new.dropout, new.attn_impl, new.remat, new.scan_layers) == ("bfloat16", 0.3, "xla", "full",
+                                                                                   False)
+    assert with_runtime(saved, dtype="auto", dropout=0.0, attn_impl=None, remat="none") == dataclasses.replace(
+        saved, dtype=resolve_dtype("auto"), scan_layers=not ON_CPU)
+    assert with_runtime(saved, dtype="auto", dropout=0.0, attn_impl=None, platform="tpu").scan_layers
     if ON_CPU:
         with pytest.raises(ConfigError, match="--attn_impl=cudnn needs an NVIDIA GPU"):
             with_runtime(saved, dtype="float32", dropout=0.0, attn_impl="cudnn", remat=False)
@@ -95,7 +98,7 @@ def test_load_run_and_load_checkpoint_give_back_what_was_saved(tmp_path):
 
     # load_model: the latest checkpoint, its vocabulary, dropout off and this machine's dtype
     got_config, got_params, got_meta, got_record = load_model(LoadConfig(out_dir=str(tmp_path), dtype="bfloat16"))
-    assert got_config == dataclasses.replace(config, dtype="bfloat16") and got_meta == meta
+    assert got_config == dataclasses.replace(config, dtype="bfloat16", scan_layers=not ON_CPU) and got_meta == meta
     assert dataclasses.replace(got_record, checksums=None) == saved["latest"][1]
     assert_trees_equal(got_params, saved["latest"][0])
 

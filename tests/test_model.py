@@ -58,7 +58,7 @@ def np_forward(config, params, idx):
 
     x = p["wte"]["embedding"][idx] + p["wpe"]["embedding"][np.arange(T)][None]
     for i in range(config.n_layer):
-        blk = p[f"h_{i}"]
+        blk = jax.tree.map(lambda a, i=i: np.asarray(a)[i], p["h"])  # the stacked blocks' layer i
         h = ln(x, blk["ln_1"])
         q, k, v = np.split(linear(h, blk["attn"]["c_attn"]), 3, axis=-1)
         q, k, v = (t.reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -256,7 +256,7 @@ def test_gpt2_init_statistics():
     check_normal(p["wte"]["embedding"], 0.02)
     check_normal(p["wpe"]["embedding"], 0.02)
     for i in range(L):
-        blk = p[f"h_{i}"]
+        blk = jax.tree.map(lambda a, i=i: np.asarray(a)[i], p["h"])
         check_normal(blk["attn"]["c_attn"]["kernel"], 0.02)
         check_normal(blk["mlp"]["c_fc"]["kernel"], 0.02)
         check_normal(blk["attn"]["c_proj"]["kernel"], proj_std)
@@ -269,7 +269,7 @@ def test_gpt2_init_statistics():
     np.testing.assert_array_equal(p["ln_f"]["scale"], 1.0)
     np.testing.assert_array_equal(p["ln_f"]["bias"], 0.0)
     # different layers are independent draws
-    assert not np.array_equal(p["h_0"]["attn"]["c_attn"]["kernel"], p["h_1"]["attn"]["c_attn"]["kernel"])
+    assert not np.array_equal(p["h"]["attn"]["c_attn"]["kernel"][0], p["h"]["attn"]["c_attn"]["kernel"][1])
     # all parameters are float32 whatever the compute dtype
     bf16 = init_params(dataclasses.replace(config, dtype="bfloat16", n_layer=1), jax.random.PRNGKey(0))
     assert {x.dtype for x in jax.tree_util.tree_leaves(bf16)} == {jnp.dtype(jnp.float32)}
@@ -288,14 +288,16 @@ def test_remat_same_loss_and_grads(dropout):
     x, y = jnp.asarray(idx[:, :-1]), jnp.asarray(idx[:, 1:])
     key = jax.random.PRNGKey(5) if dropout else None
     results = []
-    for remat in (False, True):
-        model = make_model(dataclasses.replace(config, remat=remat))
-        results.append(jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(params, model, x, y, key))
-    (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
-                 g0, g1)
-    assert jax.tree_util.tree_structure(init_params(dataclasses.replace(config, remat=True),
+    for scan in (True, False):
+        for remat in ("none", "full", "dots"):
+            model = make_model(dataclasses.replace(config, remat=remat, scan_layers=scan))
+            results.append(jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(params, model, x, y, key))
+    (l0, g0), *others = results
+    for l1, g1 in others:
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
+                     g0, g1)
+    assert jax.tree_util.tree_structure(init_params(dataclasses.replace(config, remat="full"),
                                                     jax.random.PRNGKey(0))) == jax.tree_util.tree_structure(params)
 
 

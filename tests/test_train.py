@@ -12,12 +12,12 @@ import pytest
 from conftest import (HF_POSITIONS, HF_VOCAB, REPO, as_numpy, assert_trees_equal, hf_gpt2, nanogpt_get_lr, quiet,
                       read_metrics, tiny_cfg)
 from nanogpt_jax import load_checkpoint
-from nanogpt_jax.checkpoint import CheckpointError
+from nanogpt_jax.checkpoint import Checkpointer, CheckpointError
 from nanogpt_jax.config import ConfigError, EvalConfig, TrainConfig, parse
 from nanogpt_jax.data import DataError, gpt2_encoding
 from nanogpt_jax.evaluate import run as run_eval
 from nanogpt_jax.load import load_run, model_config
-from nanogpt_jax.model import init_params
+from nanogpt_jax.model import init_params, unstack_layers
 from nanogpt_jax.train import Run, train
 
 GPT2_VOCAB = 50257
@@ -104,6 +104,29 @@ def test_resume_equals_uninterrupted(run_a, tmp_path):
     # the logged lr is nanoGPT's schedule
     for it in range(20):
         assert steps_a[it][1] == pytest.approx(nanogpt_get_lr(it, 1e-3, 5, 20, 1e-4), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_per_layer_params_resumes(run_a, tmp_path):
+    """A checkpoint written before the blocks were stacked (record version 2: params and AdamW moments under
+    h_0, h_1, remat a bool, no scan_layers) resumes to the same 20th iteration as the uninterrupted run."""
+    cfg_a, out_a, _, _ = run_a
+    new, old = tmp_path / "new", tmp_path / "old"
+    train(dataclasses.replace(cfg_a, out_dir=str(new), max_iters=10), log=quiet)
+    run = Run(dataclasses.replace(cfg_a, out_dir=str(new)), load_run(str(new))[0])
+    reader = Checkpointer(str(new), create=False)
+    state, rng = run.restore_state(reader)
+    record = reader.record("latest")
+    reader.close()
+    model = {k: v for k, v in record.model.items() if k != "scan_layers"} | {"remat": False}
+    writer = Checkpointer(str(old))
+    writer.save("latest", 10, unstack_layers(state.params), unstack_layers(state.opt_state), rng,
+                dataclasses.replace(record, model=model, version=2))
+    writer.close()
+    assert (old / "checkpoints" / "latest" / "10" / "params").is_dir()
+    assert load_run(str(old))[2].version == 2
+    train(dataclasses.replace(cfg_a, out_dir=str(old), init_from="resume", max_iters=20), log=quiet)
+    assert_trees_equal(load_checkpoint(str(old))[1], load_checkpoint(str(out_a))[1])
 
 
 @pytest.mark.slow

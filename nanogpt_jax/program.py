@@ -1,0 +1,136 @@
+"""A training run's program: its layout over the devices, where every leaf of the state lives, and the
+jitted train and eval steps, built alike for this machine's devices (`train`) and for a TPU topology's
+(`compile`), where the step is only compiled."""
+
+import dataclasses
+import re
+import time
+from functools import partial
+
+import jax
+import numpy as np
+
+from . import parallel
+from .checkpoint import Checkpointer, abstract
+from .config import TrainConfig, UserError
+from .load import abstract_params
+from .model import GPTConfig, make_model
+from .optim import make_optimizer
+from .step import TrainState, accumulate_grads, eval_step, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What XLA says of a compiled program, per device."""
+
+    argument_bytes: int
+    temp_bytes: int
+    peak_bytes: int  # arguments + temporaries + outputs - what the outputs reuse of the arguments
+    flops: float | None
+    seconds: float
+
+
+class CompiledTooBigError(UserError):
+    """XLA refused to compile: the program's temporaries alone exceed a device's memory."""
+
+    def __init__(self, temp_bytes: int, have_bytes: int, seconds: float):
+        super().__init__(f"the compiler ran out of device memory: temporaries need {temp_bytes / 2**30:,.2f} GiB "
+                         f"per device, {have_bytes / 2**30:,.2f} GiB are available")
+        self.temp_bytes, self.have_bytes, self.seconds = temp_bytes, have_bytes, seconds
+
+
+def _gigabytes(text: str) -> int:
+    return int(float(text) * 2**30)
+
+
+def compiled_figures(lowered, seconds: float) -> tuple:
+    """(executable, Compiled) of a lowered program: compile it and read its memory and cost analyses. A TPU's
+    compiler refuses a program whose temporaries exceed the chip's memory: CompiledTooBigError says by how much."""
+    t0 = time.perf_counter()
+    try:
+        executable = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        raise CompiledTooBigError(_gigabytes(found.group(1)), _gigabytes(found.group(2)),
+                                  seconds + time.perf_counter() - t0) from None
+    seconds += time.perf_counter() - t0
+    mem = executable.memory_analysis()
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes)
+    return executable, Compiled(mem.argument_size_in_bytes, mem.temp_size_in_bytes, peak,
+                                (cost or {}).get("flops"), seconds)
+
+
+class Program:
+    """The optimizer, layout, shardings and jitted steps of a run of `config` under `cfg`'s options."""
+
+    def __init__(self, cfg: TrainConfig, config: GPTConfig, devices=None):
+        self.cfg, self.config = cfg, config
+        self.model = make_model(config)
+        self.tx = make_optimizer(cfg)
+        self.layout = parallel.plan(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.micro_batch_size,
+                                    fsdp=cfg.fsdp, num_devices=cfg.num_devices, pmap=cfg.parallel == "pmap",
+                                    devices=devices)
+        self.mesh = mesh = self.layout.mesh
+        shapes = abstract_params(config)
+        abstract_state = TrainState(shapes, jax.eval_shape(self.tx.init, shapes))
+        self.shardings = parallel.state_shardings(mesh, abstract_state)  # also the layout checkpoints restore to
+        self.abstract_state = abstract(abstract_state, self.shardings)
+        self.rep = rep = parallel.replicated(mesh)
+
+        def grads_for(gather):
+            return partial(accumulate_grads, model=make_model(config, gather))
+
+        if self.layout.pmap:
+            step = jax.pmap(partial(train_step, model=self.model, tx=self.tx, grads_fn=parallel.pmapped_grads(
+                grads_for(None)), skip_nonfinite=cfg.skip_nonfinite_steps), axis_name="devices", in_axes=(0, 0, None),
+                donate_argnums=0)
+            self.step = lambda state, batch, key: _first_loss(step(state, batch, key))
+        else:
+            grads_fn = parallel.per_device_grads(grads_for, mesh, parallel.state_specs(shapes, self.layout.fsdp))
+            self.step = jax.jit(partial(train_step, model=self.model, tx=self.tx, grads_fn=grads_fn,
+                                        skip_nonfinite=cfg.skip_nonfinite_steps),
+                                donate_argnums=0, in_shardings=(self.shardings, parallel.batch_sharding(mesh, 1), rep),
+                                out_shardings=(self.shardings, rep))
+        # Evaluation batches split over the devices when batch_size allows it, else every device sees them all.
+        self.eval_rows = parallel.batch_sharding(mesh, 0) if cfg.batch_size % mesh.size == 0 else rep
+        self.eval = jax.jit(partial(eval_step, model=self.model), in_shardings=(self.shardings.params, self.eval_rows),
+                            out_shardings=rep)
+
+    def compile_step(self):
+        """(executable, Compiled) of the train step for abstract arguments: nothing is allocated, so it answers
+        for a model that would not fit, and for a TPU topology's devices on a CPU machine."""
+        L, T = self.layout, self.config.block_size
+        batch = jax.ShapeDtypeStruct((L.steps, L.rows, T), np.int32, sharding=parallel.batch_sharding(self.mesh, 1))
+        key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=self.rep)
+        t0 = time.perf_counter()
+        lowered = self.step.lower(self.abstract_state, (batch, batch), key)
+        return compiled_figures(lowered, time.perf_counter() - t0)
+
+    def init_state(self, params) -> TrainState:
+        """`params` and a fresh optimizer state, placed as the step wants them."""
+        params = jax.device_put(params, self.shardings.params)
+        state = TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
+        return parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state
+
+    def restore_state(self, ckpt: Checkpointer, kind: str = "latest") -> tuple[TrainState, jax.Array]:
+        """(train state, base rng) of the latest (or best) checkpoint, restored straight onto the step's placement."""
+        optimizer = {"opt_state": self.abstract_state.opt_state,
+                     "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=self.rep)}
+        restored = ckpt.restore(kind, params=self.abstract_state.params, optimizer=optimizer)
+        state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
+        return (parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state), restored["optimizer"]["rng"]
+
+    def saved_state(self, state: TrainState) -> TrainState:
+        """The state as checkpoints and evaluation take it: one copy, without pmap's device axis."""
+        return parallel.unstack_from_pmap(self.mesh, state) if self.layout.pmap else state
+
+
+def _first_loss(out):
+    """pmap returns one loss (and skipped flag) per device, all equal after the pmean."""
+    state, loss = out
+    return state, jax.tree.map(lambda x: x[0], loss)
