@@ -2,10 +2,6 @@
 
 import dataclasses
 import math
-import os
-import signal
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +12,7 @@ from etils import epath
 from . import data, mfu, parallel
 from .checkpoint import Checkpointer, RunRecord, refuse_existing_run
 from .config import ConfigError, TrainConfig, UserError, options_set
+from .control import RunLock, StopRequest
 from .load import crop, folder_meta, model_config, runtime, with_runtime
 from .memory import (OutOfMemoryError, gib, param_count, per_device_bytes, refuse_unless_it_fits, remat_saves_memory,
                      training_bytes)
@@ -23,6 +20,7 @@ from .model import GPTConfig, init_params, num_params
 from .optim import get_lr
 from .pretrained import from_pretrained
 from .program import CompiledTooBigError, Program
+from .step import TrainState
 from .tracking import MetricsLog, on_object_store
 
 
@@ -33,6 +31,7 @@ class Run(Program):
         super().__init__(cfg, config)
         # meta: the vocabulary, kept in checkpoints for sampling
         self.splits, self.meta = data.open_dataset(Path(cfg.data_dir) / cfg.dataset)
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * config.block_size
 
     def record(self, iter_num: int, best_val_loss: float, best_iter: int | None) -> RunRecord:
         return RunRecord(train=dataclasses.asdict(self.cfg), model=dataclasses.asdict(self.config),
@@ -175,85 +174,6 @@ def _repair_best(ckpt: Checkpointer, run: Run, state, rng, record: RunRecord, lo
             "latest and best saves")
 
 
-class StopRequest:
-    """SIGTERM / SIGINT while training: the loop finishes its step, saves `latest` and returns. A second
-    SIGINT interrupts at once (KeyboardInterrupt). In a multi-process run (a TPU pod is preempted with
-    SIGTERM, possibly on one host only) JAX's preemption service catches SIGTERM instead, and every
-    process stops after the same step (parallel.preemption_reached)."""
-
-    def __init__(self):
-        self.signal, self._previous = None, {}
-        self.processes = jax.process_count()
-        if threading.current_thread() is not threading.main_thread() or self.processes > 1:
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def after(self, iter_num: int) -> bool:
-        """Stop now that iteration iter_num is done? Every process asks at every iteration."""
-        if self.processes > 1 and parallel.preemption_reached(iter_num):
-            self.signal = "SIGTERM"
-        return self.signal is not None
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class RunLockedError(UserError):
-    """Another training writes to this out_dir."""
-
-
-class RunLock:
-    """out_dir/.lock holding 'PID HOST' while a training runs there; a lock whose process is gone (same host)
-    is stale and taken over."""
-
-    def __init__(self, out_dir: Path):
-        self.path, self.mine = out_dir / ".lock", f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if self._held():
-                    raise
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(self.mine + "\n")
-            return
-        raise RunLockedError(f"could not lock {self.path}: another training is starting there")
-
-    def _held(self) -> bool:
-        try:
-            pid, _, host = self.path.read_text().strip().partition(" ")
-            pid = int(pid)
-        except (OSError, ValueError):
-            return False  # unreadable or half-written: treated as stale
-        if host and host != socket.gethostname():
-            raise RunLockedError(f"{self.path.parent} is in use by training process {pid} on {host}: use another "
-                                 f"--out_dir, or delete {self.path} if that run is over")
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # alive, someone else's
-        raise RunLockedError(f"{self.path.parent} is in use by training process {pid}: wait for it, stop it, "
-                             f"or use another --out_dir")
-
-    def release(self) -> None:
-        try:
-            if self.path.read_text().strip() == self.mine:
-                self.path.unlink()
-        except OSError:
-            pass
-
-
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
     (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
@@ -282,67 +202,120 @@ def train(cfg: TrainConfig, log=print) -> dict:
             lock.release()
 
 
-def _train(cfg, ckpt, out_dir, log, stop):
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: the next iteration, and the best evaluation so far (the one `best` holds)."""
+
+    iter_num: int
+    best_val_loss: float
+    best_iter: int | None = None
+
+
+def _start(cfg: TrainConfig, ckpt: Checkpointer, log) -> tuple[Run, TrainState, jax.Array, Progress]:
+    """The run built, its step compiled and checked against the devices' memory, its state restored (a damaged
+    `best` repaired) or freshly placed."""
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
     data.check_splits(Path(cfg.data_dir) / cfg.dataset, run.splits, config.block_size, config.vocab_size)
-    best_iter = None
-    if params is None:
-        state, rng = run.restore_state(ckpt, cfg.checkpoint)
-        record = ckpt.record(cfg.checkpoint)
-        best_iter = record.best_iter
-        if cfg.checkpoint == "best":
-            for moved in ckpt.set_aside("latest", after=iter_num):  # later saves would collide with them
-                log(f"resuming from the best checkpoint (iteration {iter_num}): moved the later latest checkpoint "
-                    f"to {moved}")
-        else:
-            _repair_best(ckpt, run, state, rng, record, log)
-    else:
-        state, rng = run.init_state(params), parallel.put_replicated(run.mesh, rng)
-    start_iter = iter_num
-    n_params = num_params(run.abstract_state.params)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * config.block_size
-    peak = mfu.peak_flops(run.mesh.devices.flat[0].device_kind, config.dtype)
-    flops_per_iter = mfu.flops_per_token(config, n_params) * tokens_per_iter
-    log(f"number of parameters: {n_params / 1e6:.2f}M; tokens per iteration: {tokens_per_iter:,}; "
-        f"devices: {run.mesh.size} x {run.mesh.devices.flat[0].device_kind}; dtype {config.dtype}")
+    progress = Progress(iter_num, best_val_loss)
+    devices = f"{run.mesh.size} x {run.mesh.devices.flat[0].device_kind}"
+    log(f"number of parameters: {num_params(run.abstract_state.params) / 1e6:.2f}M; tokens per iteration: "
+        f"{run.tokens_per_iter:,}; devices: {devices}; dtype {config.dtype}")
     log(f"layout: {run.layout.describe()}")
     if config.remat != "none" and not remat_saves_memory(config.scan_layers):
         log("note: --remat saves no memory on a CPU with --scan_layers=False (XLA:CPU merges the recomputation "
             "away); keep the layers scanned, or shard the state with --fsdp")
     _compile_and_check(run, log)
+    if params is not None:
+        return run, run.init_state(params), parallel.put_replicated(run.mesh, rng), progress
+    state, rng = run.restore_state(ckpt, cfg.checkpoint)
+    record = ckpt.record(cfg.checkpoint)
+    progress.best_iter = record.best_iter
+    if cfg.checkpoint == "best":
+        for moved in ckpt.set_aside("latest", after=iter_num):  # later saves would collide with them
+            log(f"resuming from the best checkpoint (iteration {iter_num}): moved the later latest checkpoint to "
+                f"{moved}")
+    else:
+        _repair_best(ckpt, run, state, rng, record, log)
+    return run, state, rng, progress
+
+
+def _evaluate(run: Run, ckpt: Checkpointer, state, rng, progress: Progress, start_iter: int, metrics, log) -> dict:
+    """nanoGPT's evaluation: both splits' losses, then `latest` (and `best` when val improved) saved, unless
+    nothing was trained since the start; always_save_checkpoint=False saves only improvements."""
+    cfg, it = run.cfg, progress.iter_num
+    saved = run.saved_state(state)
+    losses = run.estimate_loss(saved.params, it)
+    log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    metrics.log(iter=it, train_loss=losses["train"], val_loss=losses["val"])
+    _refuse_nonfinite(cfg, it, losses["val"] + losses["train"], "evaluation loss")
+    improved = losses["val"] < progress.best_val_loss
+    progress.best_val_loss = min(progress.best_val_loss, losses["val"])
+    if it > start_iter and (improved or cfg.always_save_checkpoint):
+        # best_iter says what `best` is about to hold: a kill between the two saves is repaired on resume
+        # (_repair_best), since `latest` holds the same state
+        record = run.record(it, progress.best_val_loss, it if improved else progress.best_iter)
+        ckpt.save("latest", it, saved.params, saved.opt_state, rng, record)
+        if improved:
+            ckpt.save("best", it, saved.params, saved.opt_state, rng, record)
+            progress.best_iter = it
+        log(f"saving checkpoint to {cfg.out_dir}")
+    return losses
+
+
+class StepLog:
+    """Every log_interval: loss, lr, time per iteration since the last line, tokens/s, MFU, skipped steps."""
+
+    def __init__(self, run: Run, metrics, log):
+        self.run, self.metrics, self.log = run, metrics, log
+        config = run.config
+        self.peak = mfu.peak_flops(run.mesh.devices.flat[0].device_kind, config.dtype)
+        self.flops_per_iter = mfu.flops_per_token(config, num_params(run.abstract_state.params)) * run.tokens_per_iter
+        self.restart()
+
+    def restart(self):
+        """Time from here: evaluation time is not step time."""
+        self.t0, self.timed = time.perf_counter(), 0
+
+    def step(self, iter_num: int, loss, n_skipped) -> None:
+        self.timed += 1
+        if iter_num % self.run.cfg.log_interval:
+            return
+        loss = float(loss)  # waits for the step: the clock below is honest
+        t1 = time.perf_counter()
+        dt, tokens = (t1 - self.t0) / self.timed, self.run.tokens_per_iter
+        self.t0, self.timed = t1, 0
+        lr = float(get_lr(iter_num, self.run.cfg))
+        util = self.flops_per_iter / dt / (self.peak * self.run.mesh.size) if self.peak else None
+        skips = {} if n_skipped is None else {"skipped_steps": int(n_skipped)}
+        self.log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, {tokens / dt:,.0f} tok/s, "
+                 f"mfu {'n/a' if util is None else f'{util * 100:.2f}%'}"
+                 + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else ""))
+        self.metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_sec=tokens / dt, mfu=util,
+                         **skips)
+        if not self.run.cfg.skip_nonfinite_steps:
+            _refuse_nonfinite(self.run.cfg, iter_num, loss, "loss")
+
+
+def _train(cfg, ckpt, out_dir, log, stop):
+    run, state, rng, progress = _start(cfg, ckpt, log)
+    start_iter, last = progress.iter_num, {}
     wandb = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": dataclasses.asdict(cfg)}
     with MetricsLog(out_dir, resume_iter=start_iter if cfg.init_from == "resume" else None,
                     enabled=jax.process_index() == 0, wandb=wandb if cfg.wandb_log else None) as metrics:
-        last = {}
-        t0, timed, in_flight, n_skipped = time.perf_counter(), 0, None, None
+        steps, in_flight, n_skipped = StepLog(run, metrics, log), None, None
         while True:
-            last_iter = iter_num == cfg.max_iters and iter_num > start_iter
-            if last_iter and iter_num % cfg.eval_interval:
-                log(f"iteration {iter_num} is the last (max_iters): evaluating and saving it, though eval_interval="
+            it = progress.iter_num
+            last_iter = it == cfg.max_iters and it > start_iter
+            if last_iter and it % cfg.eval_interval:
+                log(f"iteration {it} is the last (max_iters): evaluating and saving it, though eval_interval="
                     f"{cfg.eval_interval} does not fall on it")
-            if iter_num % cfg.eval_interval == 0 or cfg.eval_only or last_iter:
-                saved = run.saved_state(state)
-                losses = run.estimate_loss(saved.params, iter_num)
-                log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                metrics.log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-                _refuse_nonfinite(cfg, iter_num, losses["val"] + losses["train"], "evaluation loss")
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > start_iter and (improved or cfg.always_save_checkpoint):  # nothing new at the start
-                    # best_iter says what `best` is about to hold: a kill between the two saves is repaired on
-                    # resume (_repair_best), since `latest` holds the same state
-                    record = run.record(iter_num, best_val_loss, iter_num if improved else best_iter)
-                    ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng, record)
-                    if improved:
-                        ckpt.save("best", iter_num, saved.params, saved.opt_state, rng, record)
-                        best_iter = iter_num
-                    log(f"saving checkpoint to {out_dir}")
-                last = losses
-                t0, timed = time.perf_counter(), 0  # evaluation time is not step time
-            if cfg.eval_only or iter_num >= cfg.max_iters:  # eval_only: evaluate where the run stands, then stop
+            if it % cfg.eval_interval == 0 or cfg.eval_only or last_iter:
+                last = _evaluate(run, ckpt, state, rng, progress, start_iter, metrics, log)
+                steps.restart()
+            if cfg.eval_only or it >= cfg.max_iters:  # eval_only: evaluate where the run stands, then stop
                 break
-            state, loss = run.step(state, run.train_batch(iter_num), jax.random.fold_in(rng, iter_num))
+            state, loss = run.step(state, run.train_batch(it), jax.random.fold_in(rng, it))
             if cfg.skip_nonfinite_steps:  # the count stays on the device until a log line reads it
                 loss, skipped = loss
                 n_skipped = skipped if n_skipped is None else n_skipped + skipped
@@ -350,28 +323,14 @@ def _train(cfg, ckpt, out_dir, log, stop):
             # queue never grows with log_interval (deep queues of collectives starve host-CPU devices).
             jax.block_until_ready(in_flight)
             in_flight = loss
-            timed += 1
-            if iter_num % cfg.log_interval == 0:
-                loss = float(loss)  # waits for the step: the clock below is honest
-                t1 = time.perf_counter()
-                dt = (t1 - t0) / timed
-                t0, timed = t1, 0
-                lr = float(get_lr(iter_num, cfg))
-                util = flops_per_iter / dt / (peak * run.mesh.size) if peak else None
-                skips = {} if n_skipped is None else {"skipped_steps": int(n_skipped)}
-                log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if util is None else f'{util * 100:.2f}%'}"
-                    + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else ""))
-                metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000,
-                            tokens_per_sec=tokens_per_iter / dt, mfu=util, **skips)
-                if not cfg.skip_nonfinite_steps:
-                    _refuse_nonfinite(cfg, iter_num, loss, "loss")
-            iter_num += 1
-            if stop.after(iter_num):  # the step is done: save it as an evaluation would, and stop
+            steps.step(it, loss, n_skipped)
+            progress.iter_num += 1
+            if stop.after(progress.iter_num):  # the step is done: save it as an evaluation would, and stop
                 saved = run.saved_state(state)
-                ckpt.save("latest", iter_num, saved.params, saved.opt_state, rng,
-                          run.record(iter_num, best_val_loss, best_iter))
-                log(f"{stop.signal}: saved iteration {iter_num} to {out_dir}; continue with the same options "
-                    f"and --init_from=resume")
+                ckpt.save("latest", progress.iter_num, saved.params, saved.opt_state, rng,
+                          run.record(progress.iter_num, progress.best_val_loss, progress.best_iter))
+                log(f"{stop.signal}: saved iteration {progress.iter_num} to {out_dir}; continue with the same "
+                    "options and --init_from=resume")
                 break
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_losses": last, "stopped_by": stop.signal}
+    return {"iter_num": progress.iter_num, "best_val_loss": progress.best_val_loss, "last_losses": last,
+            "stopped_by": stop.signal}

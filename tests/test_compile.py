@@ -2,6 +2,7 @@
 TPU topology's (libtpu's compiler, on this CPU machine), against figures counted independently: the state's
 bytes per device from the parameter count, FSDP's share of it, one layer's weights."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,9 @@ from nanogpt_jax.config import CompileConfig, ConfigError
 # big enough that the state dwarfs the batch and the programs' own buffers.
 TINY = ["--n_layer=4", "--n_head=4", "--n_embd=256", "--block_size=128", "--batch_size=8",
         "--gradient_accumulation_steps=1", "--dataset=none", "--dtype=bfloat16"]
+# The test extra installs libtpu (CI has it); a machine given the project without its dependencies may not.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed: pip install -e '.[test]'")
 N = nanogpt_num_params(50304, 128, 4, 256, False, non_embedding=False)
 
 
@@ -27,6 +31,7 @@ def compile_json(*args, timeout=600):
 
 
 @pytest.mark.slow
+@needs_libtpu
 def test_a_tpu_topology_compiles_and_fsdp_shrinks_each_chip_by_the_state_and_a_layer():
     """v5e:2x4 (8 chips on 2 hosts): with --fsdp=1 each chip holds the float32 params and AdamW's moments whole
     (12 bytes a parameter among its arguments); with --fsdp=8 an eighth of them, and the peak falls by at least
@@ -47,6 +52,7 @@ def test_a_tpu_topology_compiles_and_fsdp_shrinks_each_chip_by_the_state_and_a_l
 
 
 @pytest.mark.slow
+@needs_libtpu
 def test_a_program_too_big_for_the_chip_exits_3_with_one_line():
     """gpt2-xl unsharded on v5e chips (16 GiB): the compiler refuses it; the answer is exit 3, the figures as
     JSON and one error line saying what to change."""
@@ -75,7 +81,7 @@ def test_compile_for_this_machine_and_generate(run_cli):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--topology=v9:2x2"], "--topology=v9:2x2: libtpu does not know it"),
+    pytest.param(["--topology=v9:2x2"], "--topology=v9:2x2: libtpu does not know it", marks=needs_libtpu),
     (["--what=train_step"], "--what=train_step: use train or generate"),
     (["--init_from=gpt2", "--block_size=2048"], "--block_size=2048: gpt2 has only 1024 positions"),
 ])

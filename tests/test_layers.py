@@ -13,7 +13,7 @@ LAYERS = [
     {"assets", "tracking", "memory"},
     {"tokenizers"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
-    {"load", "corpora", "textdata"},
+    {"load", "corpora", "textdata", "control"},
     {"program"},
     {"train", "evaluate", "convert", "sample", "plot", "compile_check"},
     {"bench"},

@@ -407,7 +407,7 @@ def test_a_second_training_in_one_out_dir_is_refused_and_a_stale_lock_taken_over
     import subprocess
     import sys
 
-    from nanogpt_jax.train import RunLockedError
+    from nanogpt_jax.control import RunLockedError
 
     data_dir, _ = char_data
     cfg = tiny_cfg(data_dir, tmp_path, n_layer=1, max_iters=2, eval_interval=2)
