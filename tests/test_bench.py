@@ -47,28 +47,26 @@ def test_allocator_is_read_from_the_mapped_libraries():
 
 @pytest.mark.slow
 def test_bench_compare_torch_smallest_case():
-    """--compare=torch at a tiny shape: both sides report finite positive times, losses near ln(vocab) (both
-    train the same-shaped model from a fresh init), a ratio that is their quotient, and each side's memory
-    from a fresh process of its own."""
+    """--compare=torch at a tiny shape: both sides report finite positive times within their rounds' spread,
+    losses near ln(vocab) (both train the same-shaped model from a fresh init), and each side's memory from
+    a fresh process of its own."""
     r = bench(BenchConfig(bench="train", steps=2, rounds=2, batch_size=2, gradient_accumulation_steps=2,
                           compare="torch", **TINY))
     t = r["torch"]
     assert t["name"] == "torch eager" and len(t["rounds_ms"]) == len(r["rounds_ms"]) == 2
     for side in (r, t):
         assert positive(side["ms_per_iter"]) and positive(side["compile_s"]) and positive(side["tflops_per_sec"])
-        assert side["tokens_per_sec"] * side["ms_per_iter"] / 1000 == pytest.approx(2 * 2 * 8)
+        assert min(side["rounds_ms"]) <= side["ms_per_iter"] <= max(side["rounds_ms"])
         assert abs(side["loss"] - math.log(11)) < 0.5
         assert positive(side["step_peak_gb"]) and positive(side["setup_peak_gb"])
         assert side["mfu"] is None  # no table peak for a CPU
-    assert r["ratio"] == pytest.approx(t["ms_per_iter"] / r["ms_per_iter"])
 
 
 def test_bench_generate_smallest_case():
-    """generate of 4 tokens for 2 rows: finite positive tokens/s equal to rows * new tokens / time."""
+    """generate of 4 tokens for 2 rows: finite positive time and tokens/s, the model's size as nanoGPT counts it."""
     r = bench(BenchConfig(bench="generate", new_tokens=4, num_samples=2, repeats=1, rounds=1, **TINY))
     assert (r["bench"], r["batch"], r["new_tokens"], r["block_size"]) == ("generate", 2, 4, 8)
     assert positive(r["ms"]) and positive(r["tokens_per_sec"])
-    assert r["tokens_per_sec"] * r["ms"] / 1000 == pytest.approx(2 * 4)
     assert r["params_M"] * 1e6 == pytest.approx(nanogpt_num_params(11, 8, 1, 16, bias=False))
 
 
@@ -84,7 +82,6 @@ def test_bench_compare_decoding_gives_transformers_tokens(monkeypatch):
                               temperature=0.0, repeats=1, rounds=1, bias=bias, **tiny))
         assert r["same_tokens"] is True and r["first_different_token"] is None
         assert positive(r["tokens_per_sec"]) and positive(r["torch"]["tokens_per_sec"])
-        assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["torch"]["tokens_per_sec"])
 
 
 def test_side_args_give_back_the_same_case():

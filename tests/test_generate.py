@@ -1,5 +1,7 @@
 """generate: KV-cached decoding against a naive recompute-everything reference (nanoGPT's sample loop)."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,13 +20,19 @@ def params():
     return jax.tree.map(lambda x: x * 8.0, p)
 
 
+@partial(jax.jit, static_argnums=0)
+def last_logits(config, params, idx):
+    """The whole forward pass over idx, the last position's logits: one compilation per context length (at most
+    block_size of them, shared by every test), where running it eagerly recompiled every op at every step."""
+    return make_model(config).apply({"params": params}, idx)[0][:, -1]
+
+
 def naive_greedy(config, params, prompt, max_new_tokens):
     """nanoGPT's loop: crop to the last block_size tokens, run the whole forward, take the argmax."""
-    model = make_model(config)
     idx = np.asarray(prompt)
     for _ in range(max_new_tokens):
-        logits, _ = model.apply({"params": params}, jnp.asarray(idx[:, -config.block_size:]))
-        idx = np.concatenate([idx, np.argmax(np.asarray(logits[:, -1]), axis=-1)[:, None]], axis=1)
+        logits = last_logits(config, params, jnp.asarray(idx[:, -config.block_size:]))
+        idx = np.concatenate([idx, np.argmax(np.asarray(logits), axis=-1)[:, None]], axis=1)
     return idx
 
 

@@ -7,10 +7,12 @@ from nanogpt_jax.model import GPTConfig, init_params, num_params
 
 
 def test_flops_per_token_is_nanogpts_estimate_for_gpt2():
-    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    """nanoGPT's estimate_mfu for its GPT-2 124M (bias=False, vocab 50304): N = 123,587,328 non-embedding
+    parameters (what nanoGPT prints as 123.59M), 6N + 12 L H Q T = 854,770,176 FLOPs per token."""
+    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=False)
     n = num_params(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
-    # nanoGPT's estimate_mfu: 6N + 12 * L * H * Q * T with Q = head size
-    assert flops_per_token(config, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert n == 123_587_328
+    assert flops_per_token(config, n) == 854_770_176
 
 
 def test_peak_is_per_device_and_dtype_and_unknown_for_cpu():

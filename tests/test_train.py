@@ -348,16 +348,16 @@ def _poison_some_batches(monkeypatch):
     loss and NaN gradients; evaluation is left alone."""
     import jax.numpy as jnp
 
-    from nanogpt_jax import train as train_module
+    from nanogpt_jax import program as program_module
 
-    original = train_module.accumulate_grads
+    original = program_module.accumulate_grads
 
     def accumulate_grads(params, batch, key, *, model):
         loss, grads = original(params, batch, key, model=model)
         poison = jnp.where(jnp.sum(batch[0]) % 3 == 0, jnp.nan, 0.0)
         return loss + poison, jax.tree.map(lambda g: g + poison, grads)
 
-    monkeypatch.setattr(train_module, "accumulate_grads", accumulate_grads)
+    monkeypatch.setattr(program_module, "accumulate_grads", accumulate_grads)
 
 
 @pytest.mark.slow
