@@ -4,7 +4,6 @@ and what XLA says each device would hold and do. Nothing is downloaded, loaded o
 
 import dataclasses
 import importlib.util
-import time
 from pathlib import Path
 
 import jax
@@ -16,19 +15,16 @@ from .checkpoint import Checkpointer
 from .config import CompileConfig, ConfigError
 from .generate import _generate
 from .load import abstract_params, model_config, runtime, with_runtime
-from .memory import per_device_bytes
+from .memory import gib, per_device_bytes
 from .model import GPTConfig
 from .pretrained import pretrained_config
 from .program import Compiled, CompiledTooBigError, Program, compiled_figures
+
 
 # HBM per JAX device (Google Cloud's TPU system architecture pages): v2 and v3 show each chip as two devices
 # (TensorCores) with half its memory each; v4, v5p (megacore) and v5e, v6e (one core) show one per chip.
 HBM_GIB = {"TPU v2": 8, "TPU v3": 16, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 95, "TPU v5p": 95,
            "TPU v6 lite": 32, "TPU v6e": 32}
-
-
-def gib(n: int) -> str:
-    return f"{n / 2**30:,.2f} GiB"
 
 
 def topology_devices(name: str):
@@ -85,9 +81,8 @@ def compile_generate(cfg: CompileConfig, config: GPTConfig, devices) -> Compiled
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_params(config))
     prompt = jax.ShapeDtypeStruct((cfg.num_samples, cfg.prompt_tokens), jnp.int32, sharding=rep)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-    t0 = time.perf_counter()
-    lowered = _generate.lower(config, params, prompt, cfg.max_new_tokens, key=key, temperature=0.8, top_k=200)
-    return compiled_figures(lowered, time.perf_counter() - t0)[1]
+    return compiled_figures(lambda: _generate.lower(config, params, prompt, cfg.max_new_tokens, key=key,
+                                                    temperature=0.8, top_k=200))[1]
 
 
 def compile_check(cfg: CompileConfig, log=print) -> dict:
@@ -117,13 +112,13 @@ def compile_check(cfg: CompileConfig, log=print) -> dict:
               "temp_gib": figures.temp_bytes / 2**30, "peak_gib_per_device": figures.peak_bytes / 2**30,
               "hbm_gib_per_device": None if have is None else have / 2**30, "fits": fits,
               "compile_s": figures.seconds, "flops_per_device": figures.flops}
-    log(f"{where}, per device ({kind}): arguments {gib(figures.argument_bytes)}, temporaries "
-        f"{gib(figures.temp_bytes)}, peak {gib(figures.peak_bytes)} of {'?' if have is None else gib(have)}: "
+    log(f"{where}, per device ({kind}): arguments {gib(figures.argument_bytes, 2)}, temporaries "
+        f"{gib(figures.temp_bytes, 2)}, peak {gib(figures.peak_bytes, 2)} of {'?' if have is None else gib(have, 2)}: "
         f"{'fits' if fits else 'does NOT fit'}")
     flops = "n/a" if figures.flops is None else f"{figures.flops / 1e12:,.2f} TFLOP per device"
     log(f"compiled in {figures.seconds:.1f} s; XLA's count: {flops}")
     if not fits:
-        result["error"] = (f"{where} needs {gib(figures.peak_bytes)} per device, {gib(figures.peak_bytes - have)} "
-                           f"more than a {kind}'s {gib(have)}: shard with --fsdp, recompute with --remat=full, "
+        result["error"] = (f"{where} needs {gib(figures.peak_bytes, 2)} per device, {gib(figures.peak_bytes - have, 2)} "
+                           f"more than a {kind}'s {gib(have, 2)}: shard with --fsdp, recompute with --remat=full, "
                            "or lower --micro_batch_size or --block_size")
     return result

@@ -91,8 +91,8 @@ def per_device_bytes() -> int:
     return device_bytes() // len(jax.local_devices())
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB"
+def gib(n: int, digits: int = 1) -> str:
+    return f"{n / 2**30:,.{digits}f} GiB"
 
 
 def refuse_unless_it_fits(need: int, what: str, advice: str, per_device: bool = False) -> None:
