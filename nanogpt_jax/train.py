@@ -116,11 +116,12 @@ def _refuse_too_big(cfg: TrainConfig, config: GPTConfig) -> None:
     refuse_unless_it_fits(need, _training(config, devices), MEMORY_ADVICE, per_device=True)
 
 
-def _compile_and_check(run: Run, log) -> None:
+def _compile_and_check(run: Run) -> str | None:
     """The train step compiled before any state is placed (its first call would compile it anyway), and its
-    compiled per-device peak held against one device's memory: a run that cannot fit stops here."""
+    compiled per-device peak held against one device's memory: a run that cannot fit stops here. Returns the
+    line to log once the run has started."""
     if run.layout.pmap:
-        return
+        return None
     have = per_device_bytes()
     try:
         executable, figures = run.compile_step()
@@ -129,8 +130,8 @@ def _compile_and_check(run: Run, log) -> None:
     if figures.peak_bytes > have:
         raise OutOfMemoryError(f"{_training(run.config, run.mesh.size)} needs {gib(figures.peak_bytes)} per device "
                                f"(compiled) and each device has {gib(have)}: {MEMORY_ADVICE}")
-    log(f"compiled the train step in {figures.seconds:.1f} s: {gib(figures.peak_bytes)} per device")
     run.step = executable
+    return f"compiled the train step in {figures.seconds:.1f} s: {gib(figures.peak_bytes)} per device"
 
 
 def initial_state(cfg: TrainConfig, ckpt: Checkpointer):
@@ -217,7 +218,13 @@ def _start(cfg: TrainConfig, ckpt: Checkpointer, log) -> tuple[Run, TrainState, 
     config, params, rng, iter_num, best_val_loss = initial_state(cfg, ckpt)
     run = Run(cfg, config)
     data.check_splits(Path(cfg.data_dir) / cfg.dataset, run.splits, config.block_size, config.vocab_size)
+    compiled = _compile_and_check(run)
     progress = Progress(iter_num, best_val_loss)
+    if params is not None:
+        state, rng = run.init_state(params), parallel.put_replicated(run.mesh, rng)
+    else:
+        state, rng = run.restore_state(ckpt, cfg.checkpoint)
+    # Logged once the state is in place, so a refused checkpoint prints its one error line and nothing else.
     devices = f"{run.mesh.size} x {run.mesh.devices.flat[0].device_kind}"
     log(f"number of parameters: {num_params(run.abstract_state.params) / 1e6:.2f}M; tokens per iteration: "
         f"{run.tokens_per_iter:,}; devices: {devices}; dtype {config.dtype}")
@@ -225,10 +232,10 @@ def _start(cfg: TrainConfig, ckpt: Checkpointer, log) -> tuple[Run, TrainState, 
     if config.remat != "none" and not remat_saves_memory(config.scan_layers):
         log("note: --remat saves no memory on a CPU with --scan_layers=False (XLA:CPU merges the recomputation "
             "away); keep the layers scanned, or shard the state with --fsdp")
-    _compile_and_check(run, log)
+    if compiled:
+        log(compiled)
     if params is not None:
-        return run, run.init_state(params), parallel.put_replicated(run.mesh, rng), progress
-    state, rng = run.restore_state(ckpt, cfg.checkpoint)
+        return run, state, rng, progress
     record = ckpt.record(cfg.checkpoint)
     progress.best_iter = record.best_iter
     if cfg.checkpoint == "best":
