@@ -65,13 +65,14 @@ def training_bytes(config: GPTConfig, rows: int, fsdp: int, steps: int = 1) -> i
     return 12 * n // fsdp + grads + activation_bytes(config, rows)
 
 
-def generate_bytes(config: GPTConfig, batch: int, prompt: int, new_tokens: int) -> int:
-    """`generate` for `batch` rows: the float32 params, the KV cache, the token ids and one PRNG key per new
-    token on the device, and the ids again on the host as an array and as Python lists for decoding."""
-    total = prompt + new_tokens
+def generate_bytes(config: GPTConfig, batch: int, columns: int) -> int:
+    """`generate` for `batch` rows of `columns` tokens (prompt and new): the float32 params, the KV cache (up to
+    block_size columns), the token ids on the device, and again on the host as an array and as Python lists
+    for decoding."""
     head = config.n_embd if config.has_attention else 0
-    cache = 2 * config.n_layer * batch * config.block_size * head * jnp.dtype(DTYPES[config.dtype]).itemsize
-    return 4 * param_count(config) + cache + batch * total * (4 + 4 + 8) + 8 * new_tokens
+    cache = 2 * config.n_layer * batch * min(columns, config.block_size) * head * jnp.dtype(
+        DTYPES[config.dtype]).itemsize
+    return 4 * param_count(config) + cache + batch * columns * (4 + 4 + 8)
 
 
 def host_bytes() -> int:

@@ -121,18 +121,25 @@ def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
     return jnp.einsum("bhqk,bkhd->bqhd", att_BNTT, v_BTNH)
 
 
-def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos):
-    """Decoding: write this chunk's keys/values into the (B, N, S, H) cache at `pos` and attend to every
-    position filled so far. Returns (y, updated (k, v) cache).
+def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B=None):
+    """Decoding: write this chunk's keys/values into the (B, N, S, H) cache at column `pos` and attend to every
+    column filled so far, from row b's `start_B[b]` on (the columns before it are left padding). Returns
+    (y, updated (k, v) cache).
 
     The cache is kept heads-first, the layout the score and value products read: kept (B, S, N, H), XLA
     transposed the whole cache of every layer on every decoded token (a quarter of a batch-8 step on a CPU)."""
     k_BNSH = jax.lax.dynamic_update_slice(kv[0], k_BTNH.swapaxes(1, 2).astype(kv[0].dtype), (0, 0, pos, 0))
     v_BNSH = jax.lax.dynamic_update_slice(kv[1], v_BTNH.swapaxes(1, 2).astype(kv[1].dtype), (0, 0, pos, 0))
     T, S = q_BTNH.shape[1], k_BNSH.shape[2]
-    mask_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
+    column_T = pos + jnp.arange(T)
+    mask_BTS = (jnp.arange(S)[None, :] <= column_T[:, None])[None]
+    if start_B is not None:
+        # A padding column's query sees only itself: a row with no key at all would be 0/0 = NaN, which its
+        # value product would carry into the real rows' scores of later layers.
+        first_BT = jnp.minimum(start_B[:, None], column_T[None, :])
+        mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] >= first_BT[..., None])
     y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BNSH.swapaxes(1, 2), v_BNSH.swapaxes(1, 2),
-                                          mask=mask_TS[None, None])
+                                          mask=mask_BTS[:, None])
     return y_BTNH, (k_BNSH, v_BNSH)
 
 
@@ -140,13 +147,13 @@ class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BTC, deterministic: bool, kv=None, pos=None):
+    def __call__(self, x_BTC, deterministic: bool, kv=None, pos=None, start_B=None):
         c = self.config
         B, T, C = x_BTC.shape
         qkv_BT3C = _dense(c, 3 * C, "c_attn")(x_BTC)
         q, k, v = (t.reshape(B, T, c.n_head, C // c.n_head) for t in jnp.split(qkv_BT3C, 3, axis=-1))
         if kv is not None:
-            y_BTNH, kv = cached_attention(q, k, v, kv, pos)
+            y_BTNH, kv = cached_attention(q, k, v, kv, pos, start_B)
         elif c.dropout > 0.0 and not deterministic:
             y_BTNH = dropout_attention(q, k, v, nn.Dropout(c.dropout))
         else:
@@ -168,15 +175,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer, in nn.scan's form: (carry x, this layer's cache or None, pos, deterministic)
-    -> (x, this layer's updated cache)."""
+    """One transformer layer, in nn.scan's form: (carry x, this layer's cache or None, pos, start_B,
+    deterministic) -> (x, this layer's updated cache)."""
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BTC, kv, pos, deterministic: bool):
+    def __call__(self, x_BTC, kv, pos, start_B, deterministic: bool):
         a, kv = CausalSelfAttention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x_BTC), deterministic, kv, pos)
+            _layer_norm(self.config, "ln_1")(x_BTC), deterministic, kv, pos, start_B)
         x_BTC = x_BTC + a
         x_BTC = x_BTC + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x_BTC), deterministic)
         return x_BTC, kv
@@ -195,27 +202,29 @@ def layers(config: GPTConfig, gather: Callable | None = None) -> nn.Module:
         if config.remat == "none":
             policy = jax.checkpoint_policies.save_anything_except_these_names(GATHERED)
     if gather is not None or config.remat != "none":
-        # static_argnums counts self as 0: `deterministic` (argument 4) is a Python bool, not traced
-        block = nn.remat(block, policy=policy, prevent_cse=not config.scan_layers, static_argnums=(4,))
+        # static_argnums counts self as 0: `deterministic` (argument 5) is a Python bool, not traced
+        block = nn.remat(block, policy=policy, prevent_cse=not config.scan_layers, static_argnums=(5,))
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=config.n_layer,
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=config.n_layer,
                    unroll=1 if config.scan_layers else config.n_layer)(config, name="h")
 
 
 class GPT(nn.Module):
     """GPT-2. Returns (logits (B, T, vocab) float32, updated cache or None).
 
-    With `cache` (from `init_cache`), the tokens are taken to sit at positions pos..pos+T-1 and
-    attend to the cached keys and values; without it, the whole causal sequence is computed.
-    `last_only` computes logits for the last position only (sampling needs no more). `gather`: see `layers`.
+    With `cache` (from `init_cache`), the tokens sit at cache columns pos..pos+T-1 and attend to the cached
+    keys and values; without it, the whole causal sequence is computed. `start_B` (cached calls): row b's
+    first real column, the columns before it left padding that no token attends to, and row b's positions
+    count from it, so a left-padded row computes what it would alone. `logits_at`: the one column whose
+    logits are computed (sampling needs no more; None: all). `gather`: see `layers`.
     """
 
     config: GPTConfig
     gather: Callable | None = None
 
     @nn.compact
-    def __call__(self, idx_BT, deterministic: bool = True, cache: KVCache | None = None, pos=0,
-                 last_only: bool = False):
+    def __call__(self, idx_BT, deterministic: bool = True, cache: KVCache | None = None, pos=0, start_B=None,
+                 logits_at=None):
         c = self.config
         T = idx_BT.shape[1]
         if isinstance(pos, int) and pos + T > c.block_size:  # a traced pos is generate's, which stays inside
@@ -224,10 +233,13 @@ class GPT(nn.Module):
         emb = dict(dtype=c.compute_dtype, param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
         wte = nn.Embed(c.vocab_size, c.n_embd, name="wte", **emb)
         wpe = nn.Embed(c.block_size, c.n_embd, name="wpe", **emb)
-        x_BTC = wte(idx_BT) + wpe(pos + jnp.arange(T))[None]
+        position_BT = (pos + jnp.arange(T))[None]
+        if start_B is not None:  # a padding column takes position 0: it is seen by nothing
+            position_BT = jnp.maximum(position_BT - start_B[:, None], 0)
+        x_BTC = wte(idx_BT) + wpe(position_BT)
         x_BTC = nn.Dropout(c.dropout)(x_BTC, deterministic=deterministic)
-        x_BTC, cache = layers(c, self.gather)(x_BTC, cache, pos, deterministic)
-        x_BTC = _layer_norm(c, "ln_f")(x_BTC[:, -1:] if last_only else x_BTC)
+        x_BTC, cache = layers(c, self.gather)(x_BTC, cache, pos, start_B, deterministic)
+        x_BTC = _layer_norm(c, "ln_f")(_column(x_BTC, logits_at))
         logits_BTV = on_rows(wte.attend, x_BTC).astype(jnp.float32)  # weight tying: lm_head = wte
         return logits_BTV, cache
 
@@ -238,11 +250,16 @@ class Bigram(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, idx_BT, deterministic: bool = True, cache=None, pos=0, last_only: bool = False):
+    def __call__(self, idx_BT, deterministic: bool = True, cache=None, pos=0, start_B=None, logits_at=None):
         c = self.config
         table = nn.Embed(c.vocab_size, c.vocab_size, param_dtype=jnp.float32,
                          embedding_init=nn.initializers.normal(0.02), name="wte")
-        return table(idx_BT[:, -1:] if last_only else idx_BT).astype(jnp.float32), cache
+        return table(_column(idx_BT, logits_at)).astype(jnp.float32), cache
+
+
+def _column(x_BT, at):
+    """Column `at` of x (kept as a length-1 axis; `at` may be traced), or all of x when `at` is None."""
+    return x_BT if at is None else jax.lax.dynamic_slice_in_dim(x_BT, at, 1, axis=1)
 
 
 def make_model(config: GPTConfig, gather: Callable | None = None) -> nn.Module:
@@ -263,7 +280,7 @@ class _Layer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTC):
-        return Block(self.config, name=f"h_{self.index}")(x_BTC, None, 0, True)
+        return Block(self.config, name=f"h_{self.index}")(x_BTC, None, 0, None, True)
 
 
 def init_params(config: GPTConfig, key: jax.Array):

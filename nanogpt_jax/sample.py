@@ -7,7 +7,6 @@ from .config import SampleConfig, UserError
 from .tokenizers import Tokenizer
 from .generate import generate
 from .load import load_model
-from .memory import generate_bytes, refuse_unless_it_fits
 
 
 def read_start(start: str) -> str:
@@ -35,10 +34,6 @@ def sample(cfg: SampleConfig) -> list[str]:
     if max(ids) >= vocab:  # such an id reads past the embedding table: NaN logits, not text
         raise UserError(f"--start encodes to token id {max(ids):,} and the model knows {vocab:,} ids: it was not "
                         "trained with this tokenizer; start with text made of its tokens")
-    # beyond block_size the context is cropped, so memory grows with the ids kept, not with the model's work
-    refuse_unless_it_fits(generate_bytes(config, cfg.num_samples, len(ids), cfg.max_new_tokens),
-                          f"sampling {cfg.num_samples} x {cfg.max_new_tokens:,} new tokens",
-                          "lower --max_new_tokens or --num_samples")
     prompt = np.tile(np.asarray(ids, np.int32), (cfg.num_samples, 1))
     out = generate(config, params, prompt, cfg.max_new_tokens, key=jax.random.PRNGKey(cfg.seed),
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,

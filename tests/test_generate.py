@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nanogpt_jax import GPTConfig, generate, init_params, make_model
-from nanogpt_jax.generate import sample_logits
+from nanogpt_jax.generate import generate_stream, sample_logits
 
 CONFIG = GPTConfig(block_size=8, vocab_size=23, n_layer=2, n_head=2, n_embd=16, bias=True)
 
@@ -89,6 +89,59 @@ def test_one_compilation_per_shape(params):
     assert generate._cache_size() == before
 
 
+def test_ragged_rows_equal_each_row_alone_inside_and_beyond_block_size(params):
+    """Prompts of 1, 3, 5 and 8 tokens in one call, 12 new tokens (past block_size 8, into the cropped window):
+    each row equals nanoGPT's loop over that prompt alone, as a list and as a left-padded array."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (1, 3, 5, 8)]
+    rows = generate(CONFIG, params, prompts, 12, key=jax.random.PRNGKey(0), temperature=0.0)
+    padded = np.stack([np.pad(p, (8 - len(p), 0), constant_values=7) for p in prompts])
+    array = np.asarray(generate(CONFIG, params, padded, 12, key=jax.random.PRNGKey(0), temperature=0.0,
+                                prompt_lengths=[1, 3, 5, 8]))
+    for p, row, padded_row in zip(prompts, rows, array):
+        alone = naive_greedy(CONFIG, params, p[None], 12)[0]
+        np.testing.assert_array_equal(row, alone)
+        np.testing.assert_array_equal(padded_row[8:], alone[len(p):])
+    assert len({tuple(r[-12:]) for r in rows}) == 4
+
+
+def test_a_row_that_emits_eos_stops_and_the_others_go_on(params):
+    """Sampled (a token's draw does not depend on the stop), 14 tokens: each row equals the run without eos
+    up to its first eos, then holds eos."""
+    prompts = jax.random.randint(jax.random.PRNGKey(6), (4, 2), 0, CONFIG.vocab_size)
+    options = dict(key=jax.random.PRNGKey(0), temperature=3.0)  # hot: this model's rows vary
+    free = np.asarray(generate(CONFIG, params, prompts, 14, **options))[:, 2:]
+    # an id row 0 emits early and some other row never does
+    eos = next(t for t in free[0, :8] if any(t not in r for r in free[1:]))
+    got = np.asarray(generate(CONFIG, params, prompts, 14, eos_id=int(eos), **options))[:, 2:]
+    for f, g in zip(free, got):
+        stop = list(f).index(eos) + 1 if eos in f else len(f)
+        np.testing.assert_array_equal(g[:stop], f[:stop])
+        assert (g[stop:] == eos).all()
+    assert any(eos not in f for f in free)  # that row ran its whole budget
+
+
+@pytest.mark.parametrize("eos", [None, 3])
+def test_generate_stream_joins_to_generate(params, eos):
+    prompt = jax.random.randint(jax.random.PRNGKey(8), (3, 2), 0, CONFIG.vocab_size)
+    options = dict(key=jax.random.PRNGKey(2), temperature=0.9, top_k=5, eos_id=eos)
+    whole = np.asarray(generate(CONFIG, params, prompt, 19, **options))[:, 2:]
+    chunks = list(generate_stream(CONFIG, params, prompt, 19, chunk=4, **options))
+    assert all(c.shape[1] <= 4 for c in chunks) and len(chunks) > 1
+    joined = np.concatenate(chunks, axis=1)
+    np.testing.assert_array_equal(joined, whole[:, :joined.shape[1]])
+    assert (whole[:, joined.shape[1]:] == eos).all()  # past the step where every row had stopped
+
+
+def test_prompt_lengths_5_to_60_compile_once():
+    config = GPTConfig(block_size=64, vocab_size=23, n_layer=1, n_head=2, n_embd=16)
+    p = init_params(config, jax.random.PRNGKey(0))
+    before = generate._cache_size()
+    for n in range(5, 61):
+        generate(config, p, np.ones((2, n), np.int32), 6, key=jax.random.PRNGKey(n), temperature=0.7)
+    assert generate._cache_size() == before + 2  # one prefill and one decode program
+
+
 def test_top_k_and_top_p_keep_exactly_the_reference_sets():
     logits = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     keys = jax.random.split(jax.random.PRNGKey(0), 2000)
@@ -147,10 +200,17 @@ def test_vocab_size_keeps_padded_ids_out():
     (np.zeros((1, 2), np.int32), {"top_k": 0}, "top_k=0 must be at least 1"),
     (np.zeros((1, 2), np.int32), {"top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
     (np.zeros((1, 2), np.int32), {"top_p": 1.5}, "top_p=1.5"),
+    (np.zeros((1, 2), np.int32), {"max_new_tokens": 10**12}, "max_new_tokens=1000000000000 must be an int in"),
+    (np.zeros((64, 2), np.int32), {"max_new_tokens": 2**30}, "generate: 64 x 1,073,741,824 new tokens needs about"),
+    ([np.zeros((2, 2), np.int32), np.zeros(3, np.int32)], {}, "or as a list of 1-D token arrays"),
+    (np.zeros((2, 3), np.int32), {"prompt_lengths": [3, 4]}, "prompt_lengths must hold 2 int(s) in [1, 3]"),
+    ([np.zeros(2, np.int32), np.zeros(3, np.int32)], {"prompt_lengths": [2, 3]}, "gives its own lengths"),
+    (np.zeros((1, 2), np.int32), {"eos_id": 23}, "eos_id=[23] must be token ids in [0, 23)"),
 ])
 def test_bad_arguments_are_refused_before_compiling(params, prompt, kwargs, fragment):
+    """Each in one line (the command line prints it as its error), before anything is compiled or allocated."""
     kwargs = {"max_new_tokens": 3, **kwargs}
     before = generate._cache_size()
     with pytest.raises(ValueError) as e:
         generate(CONFIG, params, prompt, key=jax.random.PRNGKey(0), **kwargs)
-    assert fragment in str(e.value) and generate._cache_size() == before
+    assert fragment in str(e.value) and "\n" not in str(e.value) and generate._cache_size() == before

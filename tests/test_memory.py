@@ -50,8 +50,8 @@ def test_estimates_add_up_what_must_be_held():
     assert memory.training_bytes(c, 4, fsdp=1) == 12 * n + 4 * n + act
     assert memory.training_bytes(c, 4, fsdp=1, steps=3) == 12 * n + 8 * n + act
     assert memory.training_bytes(c, 4, fsdp=2) == 12 * n // 2 + 4 * n // 2 + 8 * (outside + layer) + act
-    ids = 3 * (5 + 7)
-    assert memory.generate_bytes(c, 3, 5, 7) == 4 * n + 2 * 2 * 3 * 16 * 32 * 4 + ids * 16 + 7 * 8
+    assert memory.generate_bytes(c, 3, 12) == 4 * n + 2 * 2 * 3 * 12 * 32 * 4 + 3 * 12 * 16
+    assert memory.generate_bytes(c, 3, 100) == 4 * n + 2 * 2 * 3 * 16 * 32 * 4 + 3 * 100 * 16  # cache: block_size
     assert memory.host_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") > 2**30
 
 
@@ -73,8 +73,8 @@ def test_sampling_a_billion_tokens_is_refused(char_run, run_cli):
     model's own memory stays bounded: it is the output that does not fit)."""
     out, _ = char_run
     code, stdout, err = run_cli("sample", f"--out_dir={out}", "--max_new_tokens=1000000000")
-    assert_one_error_line(code, stdout, err, "sampling 10 x 1,000,000,000 new tokens needs about",
-                          "lower --max_new_tokens or --num_samples")
+    assert_one_error_line(code, stdout, err, "generate: 10 x 1,000,000,000 new tokens needs about",
+                          "--max_new_tokens or --num_samples")
 
 
 def test_the_command_refuses_a_million_layers_in_seconds(char_data, tmp_path):

@@ -82,8 +82,8 @@ def test_forward_matches_numpy_reference(bias, base):
     logits, cache = make_model(config).apply({"params": params}, jnp.asarray(idx))
     assert cache is None and logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), np_forward(config, params, idx), rtol=1e-4, atol=1e-5)
-    # last_only gives the last position's logits of the full pass
-    last, _ = make_model(config).apply({"params": params}, jnp.asarray(idx), last_only=True)
+    # logits_at gives one position's logits of the full pass
+    last, _ = make_model(config).apply({"params": params}, jnp.asarray(idx), logits_at=idx.shape[1] - 1)
     np.testing.assert_allclose(np.asarray(last[:, 0]), np_forward(config, params, idx)[:, -1], rtol=1e-4,
                                atol=1e-5)
 

@@ -37,3 +37,29 @@ def test_greedy_generate_matches_transformers(n_embd, n_head, tmp_path):
     assert expected.shape == got.shape == (2, PROMPT + NEW)
     assert len(set(expected[:, PROMPT:].ravel())) > 8  # a varied continuation, not one token repeated
     np.testing.assert_array_equal(got, expected)
+
+
+def test_left_padded_prompts_match_transformers_with_attention_mask(tmp_path):
+    """Prompts of 3, 7, 12 and 20 tokens, left padded into one batch: greedy, each row equals transformers'
+    generate with attention_mask (its positions count from each row's first real token too) and our own
+    generate of that row alone."""
+    model = hf_gpt2(768, 12, initializer_range=0.1)
+    model.save_pretrained(tmp_path)
+    model.generation_config.eos_token_id = None
+    lengths, width = [3, 7, 12, 20], 20
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, VOCAB, n) for n in lengths]
+    padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+    mask = (np.arange(width)[None] >= width - np.asarray(lengths)[:, None]).astype(np.int64)
+    with torch.no_grad():
+        expected = model.generate(torch.from_numpy(padded), attention_mask=torch.from_numpy(mask), do_sample=False,
+                                  max_new_tokens=NEW, pad_token_id=0).numpy()[:, width:]
+
+    config, params = from_pretrained(tmp_path)
+    got = np.asarray(generate(config, params, padded.astype(np.int32), NEW, key=jax.random.key(0), temperature=0.0,
+                              prompt_lengths=lengths))[:, width:]
+    assert len({tuple(r) for r in expected}) == 4 and len(set(expected.ravel())) > 8
+    np.testing.assert_array_equal(got, expected)
+    for p, row in zip(prompts, got):
+        alone = generate(config, params, p[None].astype(np.int32), NEW, key=jax.random.key(0), temperature=0.0)
+        np.testing.assert_array_equal(np.asarray(alone)[0, len(p):], row)
