@@ -24,7 +24,10 @@ commands:
                                                     llm.c's FineWeb-Edu sample-10BT shards (pip install
                                                     'nanogpt-jax[hub]' for both)
   train [CONFIG.py] [--key=value ...]               train (nanoGPT's train.py options)
-  sample [--out_dir=DIR] [--start=TEXT|FILE:path] ...   sample from a checkpoint (nanoGPT's sample.py options)
+  sample [--out_dir=DIR] [--start=TEXT|FILE:path|LINES:path] [--stop=TEXT] [--stream] ...
+                                                    sample from a checkpoint (nanoGPT's sample.py options);
+                                                    LINES: one prompt per line, batched; --stream prints text
+                                                    as it is made (the default for one sample on a terminal)
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
                                                     loss, perplexity, bits/char of a checkpoint or GPT-2 on a dataset
                                                     split or a text file (--eval_iters=0: every token once)
@@ -87,7 +90,13 @@ def run_train(argv):
 
 
 def run_sample(argv):
-    for text in sample.sample(options(SampleConfig, argv)):
+    cfg = options(SampleConfig, argv)
+    one = cfg.num_samples == 1 and not cfg.start.startswith("LINES:")
+    if cfg.stream or (cfg.stream is None and one and sys.stdout.isatty()):
+        sample.stream(cfg, lambda text: print(text, end="", flush=True))
+        print("\n---------------")
+        return
+    for text in sample.sample(cfg):
         print(text)
         print("---------------")
 

@@ -186,17 +186,21 @@ class LoadConfig:
 
 @dataclasses.dataclass
 class SampleConfig(LoadConfig):
-    start: str = "\n"  # or "FILE:prompt.txt"
-    num_samples: int = 10
+    start: str = "\n"  # or "FILE:prompt.txt" (one prompt), "LINES:prompts.txt" (one per line, one batch)
+    num_samples: int = 10  # per prompt
     max_new_tokens: int = 500
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
     seed: int = 1337
+    stop: str | None = None  # end a sample at this text (a one-token stop also ends decoding early)
+    stream: bool | None = None  # print text as it is made; None: when one sample goes to a terminal
 
     def __post_init__(self):
         super().__post_init__()
         _at_least(self, 1, "num_samples", "top_k")
+        if self.stop == "":
+            raise ConfigError("--stop is empty: give the text a sample ends at (e.g. --stop='<|endoftext|>')")
         _at_least(self, 0, "max_new_tokens", "temperature")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"--top_p={self.top_p}: must be in (0, 1]")
@@ -371,7 +375,7 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                if _allowed_types(typing.get_type_hints(cls).get(key)) == (bool,) and (
+                if set(_allowed_types(typing.get_type_hints(cls).get(key))) - {type(None)} == {bool} and (
                         not args or args[0] not in ("True", "False")):
                     text = "True"  # a bare switch: --json
                 elif not args or args[0].startswith("--"):

@@ -1,6 +1,8 @@
 """`nanogpt-jax sample` (nanogpt_jax.sample): continuations of the prompt decoded with the run's vocabulary, the
 greedy one equal to generate's greedy output, and the prompt read from FILE:path."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from nanogpt_jax.config import SampleConfig, UserError
 from nanogpt_jax.generate import generate
 from nanogpt_jax.load import load_run
-from nanogpt_jax.sample import read_start, sample
+from nanogpt_jax.sample import read_start, sample, stream
 
 
 def test_samples_continue_the_prompt_in_the_runs_vocabulary(char_run):
@@ -41,8 +43,9 @@ def test_read_start_reads_file_prompts(tmp_path):
     """FILE:path is the file's text (UTF-8, newlines kept); any other start is the prompt itself."""
     path = tmp_path / "prompt.txt"
     path.write_text("ROMEO:\nWhat, ho! Été\n", encoding="utf-8")
-    assert read_start(f"FILE:{path}") == "ROMEO:\nWhat, ho! Été\n"
-    assert read_start("ROMEO:") == "ROMEO:" and read_start("FILE") == "FILE"
+    assert read_start(f"FILE:{path}") == ["ROMEO:\nWhat, ho! Été\n"]
+    assert read_start(f"LINES:{path}") == ["ROMEO:", "What, ho! Été"]
+    assert read_start("ROMEO:") == ["ROMEO:"] and read_start("FILE") == ["FILE"]
     missing = tmp_path / "missing.txt"
     with pytest.raises(UserError, match=f"--start=FILE:{missing}: cannot read {missing} \\(No such file"):
         read_start(f"FILE:{missing}")
@@ -55,3 +58,57 @@ def test_an_empty_prompt_is_refused(char_run, tmp_path):
     for start in ("", f"FILE:{tmp_path / 'empty.txt'}"):
         with pytest.raises(UserError, match="--start is empty"):
             sample(SampleConfig(out_dir=str(out), start=start))
+
+
+def greedy_text(out, prompt, new):
+    config, params, record = load_run(str(out))
+    itos = record.meta["itos"]
+    ids = np.array([[itos.index(c) for c in prompt]], np.int32)
+    row = np.asarray(generate(config, params, ids, new, key=jax.random.PRNGKey(0), temperature=0.0))[0]
+    return "".join(itos[i] for i in row)
+
+
+def test_prompts_one_per_line_are_each_their_own_greedy_continuation(char_run, tmp_path):
+    """LINES: prompts of 2, 6 and 11 characters in one batch (left padded): each text is that prompt's
+    greedy continuation alone."""
+    out, _ = char_run
+    path = tmp_path / "prompts.txt"
+    path.write_text("AB\nKING:\n\nFirst Citiz\n", encoding="utf-8")
+    texts = sample(SampleConfig(out_dir=str(out), start=f"LINES:{path}", num_samples=2, max_new_tokens=15,
+                                temperature=0.0))
+    expected = [greedy_text(out, p, 15) for p in ("AB", "KING:", "First Citiz")]
+    assert texts == [t for t in expected for _ in range(2)]
+
+
+def test_stop_cuts_each_sample_before_the_stop_text(char_run):
+    """A one-character stop (it is also generate's eos_id) and a two-character one: each sample is the
+    unstopped sample (same seed) cut before the stop's first place in the continuation."""
+    out, _ = char_run
+    cfg = SampleConfig(out_dir=str(out), start="KING:", num_samples=3, max_new_tokens=40, seed=5)
+    full = sample(cfg)
+    new = full[0][len("KING:"):]
+    for stop in (new[4], new[6:8]):
+        cut = sample(dataclasses.replace(cfg, stop=stop))
+        for f, c in zip(full, cut):
+            at = f.find(stop, len("KING:"))
+            assert c == (f if at < 0 else f[:at])
+        assert len(cut[0]) < len(full[0])
+
+
+@pytest.mark.parametrize("stop", [None, "e", "the"])
+def test_stream_writes_the_sample_as_it_is_made(char_run, stop):
+    """Streamed pieces join to the sample's text (same seed); more than one piece is written."""
+    out, _ = char_run
+    cfg = SampleConfig(out_dir=str(out), start="ROMEO:", num_samples=1, max_new_tokens=60, seed=3, stop=stop)
+    pieces = []
+    stream(cfg, pieces.append)
+    assert "".join(pieces) == sample(cfg)[0] and len([p for p in pieces if p]) > 1
+
+
+def test_the_command_streams_and_refuses_stream_of_several(char_run, run_cli):
+    out, _ = char_run
+    code, stdout, err = run_cli("sample", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=20", "--stream",
+                                "--start=ROMEO:", "--temperature=0")
+    assert code == 0 and stdout == greedy_text(out, "ROMEO:", 20) + "\n---------------\n"
+    code, stdout, err = run_cli("sample", f"--out_dir={out}", "--num_samples=2", "--stream")
+    assert code == 2 and stdout == "" and err.count("\n") == 1 and "--stream shows one sample and there are 2" in err
