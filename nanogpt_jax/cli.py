@@ -41,7 +41,24 @@ commands:
   plot OUT_DIR [OUT_DIR ...] [--output=loss.png]    loss, lr and tokens/s of runs (pip install 'nanogpt-jax[plot]')
 
 --debug (or NANOGPT_JAX_DEBUG=1) shows the traceback behind an `error: ...` line.
+train, sample and eval keep compiled programs in ~/.cache/nanogpt-jax/xla (under $XDG_CACHE_HOME when set), so a
+second run does not compile them again; --no_compile_cache or NANOGPT_JAX_COMPILE_CACHE=0 turns that off, and
+NANOGPT_JAX_COMPILE_CACHE=DIR puts it elsewhere.
 """
+CACHED = ("train", "sample", "eval")  # compile and bench report compile times: they always compile
+
+
+def use_compile_cache(argv) -> None:
+    """JAX's persistent compilation cache, on unless the user turned it off (see USAGE)."""
+    setting = os.environ.get("NANOGPT_JAX_COMPILE_CACHE", "")
+    if "--no_compile_cache" in argv:
+        argv.remove("--no_compile_cache")
+        return
+    if setting == "0" or argv[0] not in CACHED:
+        return
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir",
+                      setting if setting not in ("", "1") else os.path.join(home, "nanogpt-jax", "xla"))
 
 
 def options(cls, argv, positional=None):
@@ -141,6 +158,7 @@ def main(argv=None) -> int:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     parallel.quiet_libtpu()
+    use_compile_cache(argv)
     if argv[0] != "train":  # train may join several processes first
         parallel.use_all_cpu_cores()
     try:

@@ -19,6 +19,7 @@ TIKTOKEN_CACHE = SHARED / "data" / "tiktoken_cache"
 
 # Set before anything imports tiktoken, and inherited by the CLI subprocesses.
 os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+os.environ["NANOGPT_JAX_COMPILE_CACHE"] = "0"  # commands here compile afresh; test_sample turns the cache on
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -2,6 +2,9 @@
 greedy one equal to generate's greedy output, and the prompt read from FILE:path."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -112,3 +115,25 @@ def test_the_command_streams_and_refuses_stream_of_several(char_run, run_cli):
     assert code == 0 and stdout == greedy_text(out, "ROMEO:", 20) + "\n---------------\n"
     code, stdout, err = run_cli("sample", f"--out_dir={out}", "--num_samples=2", "--stream")
     assert code == 2 and stdout == "" and err.count("\n") == 1 and "--stream shows one sample and there are 2" in err
+
+
+def test_a_second_sample_compiles_nothing_new(char_run, tmp_path):
+    """The CLI's persistent compilation cache: the first sample writes its programs, the second finds them all
+    (no new entry); NANOGPT_JAX_COMPILE_CACHE=0 and --no_compile_cache write nothing."""
+    out, _ = char_run
+
+    def run(*extra, **env):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path / "home"),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **env}  # the tiny model compiles in under 1 s
+        proc = subprocess.run([sys.executable, "-m", "nanogpt_jax.cli", "sample", f"--out_dir={out}",
+                               "--num_samples=2", "--max_new_tokens=20", *extra], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    cache = tmp_path / "home" / "nanogpt-jax" / "xla"
+    assert run("--no_compile_cache", NANOGPT_JAX_COMPILE_CACHE="1") and not cache.exists()
+    assert run(NANOGPT_JAX_COMPILE_CACHE="0") and not cache.exists()
+    first = run(NANOGPT_JAX_COMPILE_CACHE="1")
+    entries = set(os.listdir(cache))
+    assert entries and run(NANOGPT_JAX_COMPILE_CACHE="1") == first and set(os.listdir(cache)) == entries
