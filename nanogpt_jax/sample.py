@@ -62,6 +62,9 @@ class Job:
 
 def prepare(cfg: SampleConfig) -> Job:
     config, params, meta, _ = load_model(cfg)
+    # One compiled layer body: GPT-2 124M's first greedy call took 1.7 s instead of 5.1-7.7 s unrolled, and
+    # decoding was no slower (docs/benchmarks.md, issue 19); the parameters are the same either way.
+    config = dataclasses.replace(config, scan_layers=True)
     tokenizer = Tokenizer(meta)
     vocab = min(tokenizer.vocab_size, config.vocab_size)
     prompts = [tokenizer.encode(text) for text in read_start(cfg.start)]
