@@ -75,10 +75,15 @@ def model_for(cfg: CompileConfig, platform: str) -> GPTConfig:
 
 
 def compile_generate(cfg: CompileConfig, config: GPTConfig, devices) -> Compiled:
-    """`generate` for num_samples x prompt_tokens -> + max_new_tokens, params replicated over the devices."""
-    mesh = parallel.make_mesh(list(devices), 1)
+    """`generate` for num_samples x prompt_tokens -> + max_new_tokens, as `sample --fsdp` places it: the params
+    split over --fsdp of the devices (replicated over the others), everything else replicated."""
+    if len(devices) % cfg.fsdp:
+        raise ConfigError(f"--fsdp={cfg.fsdp} must divide the {len(devices)} device(s)")
+    mesh = parallel.make_mesh(list(devices), cfg.fsdp)
     rep = parallel.replicated(mesh)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_params(config))
+    shapes = abstract_params(config)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                          parallel.state_shardings(mesh, shapes))
     t0 = time.perf_counter()
     prefill, decode = lower_programs(config, params, cfg.num_samples, cfg.prompt_tokens, cfg.max_new_tokens,
                                    sharding=rep, temperature=0.8, top_k=200)

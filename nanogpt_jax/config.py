@@ -195,10 +195,12 @@ class SampleConfig(LoadConfig):
     seed: int = 1337
     stop: str | None = None  # end a sample at this text (a one-token stop also ends decoding early)
     stream: bool | None = None  # print text as it is made; None: when one sample goes to a terminal
+    fsdp: int = 1  # split the weights over this many of this machine's devices (a model larger than one)
 
     def __post_init__(self):
         super().__post_init__()
         _at_least(self, 1, "num_samples", "top_k")
+        _at_least(self, 1, "fsdp")
         if self.stop == "":
             raise ConfigError("--stop is empty: give the text a sample ends at (e.g. --stop='<|endoftext|>')")
         _at_least(self, 0, "max_new_tokens", "temperature")

@@ -7,7 +7,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from .config import SampleConfig, UserError
+from . import parallel
+from .config import ConfigError, SampleConfig, UserError
 from .generate import generate, generate_stream
 from .load import load_model
 from .tokenizers import Tokenizer
@@ -60,11 +61,22 @@ class Job:
         return (text, False) if at < 0 else (text[:at], True)
 
 
+def weights_mesh(fsdp: int):
+    """`fsdp` of this machine's devices, to hold the weights split as training's FSDP splits them: at rest each
+    device holds 1/fsdp of them, and the scanned layer loop gathers one layer's at a time."""
+    devices = jax.local_devices()
+    if fsdp > len(devices):
+        raise ConfigError(f"--fsdp={fsdp}: this machine has {len(devices)} device(s); use at most that many")
+    return parallel.make_mesh(devices[:fsdp], fsdp)
+
+
 def prepare(cfg: SampleConfig) -> Job:
     config, params, meta, _ = load_model(cfg)
     # One compiled layer body: GPT-2 124M's first greedy call took 1.7 s instead of 5.1-7.7 s unrolled, and
     # decoding was no slower (docs/benchmarks.md, issue 19); the parameters are the same either way.
     config = dataclasses.replace(config, scan_layers=True)
+    if cfg.fsdp > 1:
+        params = jax.device_put(params, parallel.state_shardings(weights_mesh(cfg.fsdp), params))
     tokenizer = Tokenizer(meta)
     vocab = min(tokenizer.vocab_size, config.vocab_size)
     prompts = [tokenizer.encode(text) for text in read_start(cfg.start)]

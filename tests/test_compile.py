@@ -76,8 +76,20 @@ def test_compile_for_this_machine_and_generate(run_cli):
                              "--prompt_tokens=16", "--max_new_tokens=32", "--json")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    cache = 2 * 4 * 2 * 48 * 256 * 2  # k and v, 4 layers, 2 rows, 48 positions, bf16
+    cache = 2 * 4 * 2 * 128 * 256 * 2  # k and v, 4 layers, 2 rows, 64 + 64 columns (the buckets), bf16
     assert result["peak_gib_per_device"] * 2**30 >= 4 * N + cache
+
+
+@needs_libtpu
+def test_generate_with_fsdp_holds_an_eighth_of_the_weights_per_chip():
+    """`sample --fsdp`'s placement compiled for v5e:2x4: each chip's arguments lose 7/8 of the float32
+    weights' 4N bytes (less the vectors kept whole), and the program still fits."""
+    args = [*TINY, "--what=generate", "--num_samples=2", "--prompt_tokens=16", "--max_new_tokens=32",
+            "--topology=v5e:2x4"]
+    (one, whole), (eight, split) = compile_json(*args), compile_json(*args, "--fsdp=8")
+    assert one.returncode == eight.returncode == 0, eight.stderr[-2000:]
+    saved = (whole["argument_gib"] - split["argument_gib"]) * 2**30
+    assert 0.95 * 7 / 8 * 4 * N <= saved <= 7 / 8 * 4 * N and split["fits"]
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -137,3 +137,23 @@ def test_a_second_sample_compiles_nothing_new(char_run, tmp_path):
     first = run(NANOGPT_JAX_COMPILE_CACHE="1")
     entries = set(os.listdir(cache))
     assert entries and run(NANOGPT_JAX_COMPILE_CACHE="1") == first and set(os.listdir(cache)) == entries
+
+
+def test_weights_split_over_four_devices_sample_the_same_text(char_run):
+    """--fsdp=4 on 4 host devices: the weights rest split 4 ways (training's FSDP rule) and the greedy and
+    the seeded samples equal the one-device ones; more devices than there are is one error line."""
+    out, _ = char_run
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "nanogpt_jax.cli", "sample", f"--out_dir={out}",
+                               "--num_samples=3", "--max_new_tokens=30", "--start=KING:", *extra], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    for temperature in ("0", "0.8"):
+        one, four = run(f"--temperature={temperature}"), run(f"--temperature={temperature}", "--fsdp=4")
+        assert one.returncode == four.returncode == 0, four.stderr
+        assert four.stdout == one.stdout and one.stdout.count("KING:") == 3
+    refused = run("--fsdp=5")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == ["error: --fsdp=5: this machine has 4 device(s); use at most that many"]
