@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from .checkpoint import Checkpointer, RunRecord, refuse_existing_run
 from .config import ConfigError, ConvertConfig, TrainConfig, UserError
 from .load import abstract_params, folder_meta, load_run
-from .optim import make_optimizer
+from .optim import OptimConfig, make_optimizer
 from .pretrained import PretrainedError, from_pretrained, refuse_existing_model, save_pretrained
 
 META_FILE = "meta.json"
@@ -37,7 +37,7 @@ def import_hf(source: str, out_dir: str) -> str:
     record = RunRecord(train=dataclasses.asdict(cfg), model=dataclasses.asdict(config), meta=folder_meta(source))
     ckpt = Checkpointer(out_dir)
     try:
-        ckpt.save("latest", 0, params, make_optimizer(cfg).init(params), jax.random.PRNGKey(cfg.seed), record)
+        ckpt.save("latest", 0, params, make_optimizer(OptimConfig.of(cfg)).init(params), jax.random.PRNGKey(cfg.seed), record)
     finally:
         ckpt.close()
     return f"wrote {Path(out_dir) / 'checkpoints' / 'latest'} from {source} ({_describe(config)})"

@@ -1,6 +1,7 @@
 """nanoGPT's optimizer: AdamW with its warmup + cosine learning-rate schedule, decay on matrices only,
 and global-norm gradient clipping."""
 
+import dataclasses
 import math
 from functools import partial
 
@@ -8,10 +9,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .config import TrainConfig
 
 
-def get_lr(it, cfg: TrainConfig):
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer's options, by nanoGPT's names (TrainConfig holds their defaults)."""
+
+    learning_rate: float
+    min_lr: float
+    warmup_iters: int
+    lr_decay_iters: int
+    decay_lr: bool
+    beta1: float
+    beta2: float
+    weight_decay: float
+    grad_clip: float
+
+    @classmethod
+    def of(cls, cfg) -> "OptimConfig":
+        """The options a training config (or any object with these names) gives."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def get_lr(it, cfg: OptimConfig):
     """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if not cfg.decay_lr:
         return cfg.learning_rate + 0.0 * it
@@ -27,7 +47,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(partial(get_lr, cfg=cfg), b1=cfg.beta1, b2=cfg.beta2,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     # Clipping sits before AdamW so it sees the gradient averaged over micro-batches (and devices); the

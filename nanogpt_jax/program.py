@@ -15,7 +15,7 @@ from .checkpoint import Checkpointer, abstract
 from .config import TrainConfig, UserError
 from .load import abstract_params
 from .model import GPTConfig, make_model
-from .optim import make_optimizer
+from .optim import OptimConfig, make_optimizer
 from .step import TrainState, accumulate_grads, eval_step, train_step
 
 
@@ -72,7 +72,7 @@ class Program:
     def __init__(self, cfg: TrainConfig, config: GPTConfig, devices=None):
         self.cfg, self.config = cfg, config
         self.model = make_model(config)
-        self.tx = make_optimizer(cfg)
+        self.tx = make_optimizer(OptimConfig.of(cfg))
         self.layout = parallel.plan(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.micro_batch_size,
                                     fsdp=cfg.fsdp, num_devices=cfg.num_devices, pmap=cfg.parallel == "pmap",
                                     devices=devices)

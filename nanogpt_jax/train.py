@@ -17,7 +17,7 @@ from .load import crop, folder_meta, model_config, runtime, with_runtime
 from .memory import (OutOfMemoryError, gib, param_count, per_device_bytes, refuse_unless_it_fits, remat_saves_memory,
                      training_bytes)
 from .model import GPTConfig, init_params, num_params
-from .optim import get_lr
+from .optim import OptimConfig, get_lr
 from .pretrained import from_pretrained
 from .program import CompiledTooBigError, Program
 from .step import TrainState
@@ -292,7 +292,7 @@ class StepLog:
         t1 = time.perf_counter()
         dt, tokens = (t1 - self.t0) / self.timed, self.run.tokens_per_iter
         self.t0, self.timed = t1, 0
-        lr = float(get_lr(iter_num, self.run.cfg))
+        lr = float(get_lr(iter_num, OptimConfig.of(self.run.cfg)))
         util = self.flops_per_iter / dt / (self.peak * self.run.mesh.size) if self.peak else None
         skips = {} if n_skipped is None else {"skipped_steps": int(n_skipped)}
         self.log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, {tokens / dt:,.0f} tok/s, "

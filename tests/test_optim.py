@@ -13,14 +13,14 @@ import pytest
 from conftest import nanogpt_get_lr
 from nanogpt_jax.config import TrainConfig
 from nanogpt_jax.model import GPTConfig, init_params, unstack_layers
-from nanogpt_jax.optim import decay_mask, get_lr, make_optimizer
+from nanogpt_jax.optim import OptimConfig, decay_mask, get_lr, make_optimizer
 
 
 @pytest.mark.parametrize("sched", [(1e-3, 10, 100, 1e-4), (6e-4, 20, 60, 6e-5), (1e-2, 0, 30, 0.0)])
 def test_lr_schedule_equals_nanogpt(sched):
     """get_lr equals nanoGPT's get_lr at every iteration, called with Python ints and traced int32."""
     lr, warmup, decay, min_lr = sched
-    cfg = TrainConfig(learning_rate=lr, warmup_iters=warmup, lr_decay_iters=decay, min_lr=min_lr)
+    cfg = OptimConfig.of(TrainConfig(learning_rate=lr, warmup_iters=warmup, lr_decay_iters=decay, min_lr=min_lr))
     steps = np.arange(decay + 51)
     ref = np.array([nanogpt_get_lr(int(i), lr, warmup, decay, min_lr) for i in steps])
     # float32 arithmetic: with min_lr = 0 the last cosine steps approach 0 and lose relative precision,
@@ -34,7 +34,8 @@ def test_lr_schedule_equals_nanogpt(sched):
 
 def test_lr_constant_without_decay():
     """decay_lr=False: learning_rate at every iteration, warmup ignored, as nanoGPT."""
-    cfg = TrainConfig(learning_rate=3e-4, decay_lr=False, warmup_iters=10, lr_decay_iters=50, min_lr=1e-5)
+    cfg = OptimConfig.of(TrainConfig(learning_rate=3e-4, decay_lr=False, warmup_iters=10, lr_decay_iters=50,
+                                     min_lr=1e-5))
     np.testing.assert_allclose([float(get_lr(i, cfg)) for i in range(100)], 3e-4, rtol=1e-7)
     np.testing.assert_allclose(np.asarray(jax.vmap(partial(get_lr, cfg=cfg))(jnp.arange(100))), 3e-4, rtol=1e-7)
 
@@ -92,7 +93,7 @@ def test_optimizer_equals_torch_adamw(grad_clip):
     ref = torch_adamw_reference(flat(per_layer(params)), [flat(per_layer(g)) for g in grad_seq], lrs, 0.9, 0.95, 0.1,
                                 grad_clip, decay)
 
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(OptimConfig.of(cfg))
     state, p = tx.init(params), params
     update = jax.jit(tx.update)
     for t in range(n_steps):
@@ -108,7 +109,7 @@ def test_first_adam_step_size_is_the_scheduled_lr():
                       grad_clip=0.0)
     params = {"w": {"kernel": jnp.zeros((4, 5))}}
     g = np.random.default_rng(1).choice([-1.0, 1.0], (4, 5)) * np.random.default_rng(2).uniform(0.1, 5, (4, 5))
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(OptimConfig.of(cfg))
     updates, _ = tx.update({"w": {"kernel": jnp.asarray(g, jnp.float32)}}, tx.init(params), params)
     expected_lr = 6e-4 * 1 / 10  # nanoGPT warmup at it=0: learning_rate * (0 + 1) / (warmup_iters + 1)
     np.testing.assert_allclose(np.asarray(updates["w"]["kernel"]), -expected_lr * np.sign(g), rtol=1e-6)
@@ -140,7 +141,7 @@ def test_weight_decay_applies_to_kernels_not_biases():
     cfg = TrainConfig(learning_rate=1e-2, decay_lr=False, weight_decay=0.1, grad_clip=1.0)
     config = GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8, bias=True)
     params = jax.tree.map(lambda x: x + 0.5, init_params(config, jax.random.PRNGKey(0)))  # nonzero biases
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(OptimConfig.of(cfg))
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     new = flat(optax.apply_updates(params, updates))

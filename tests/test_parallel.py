@@ -105,12 +105,12 @@ PROBE = textwrap.dedent("""
     from nanogpt_jax import parallel
     from nanogpt_jax.config import TrainConfig
     from nanogpt_jax.model import GPTConfig, init_params, make_model
-    from nanogpt_jax.optim import make_optimizer
+    from nanogpt_jax.optim import OptimConfig, make_optimizer
     from nanogpt_jax.step import TrainState, accumulate_grads, train_step
 
     fsdp = int(sys.argv[1])
     config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
-    model, tx = make_model(config), make_optimizer(TrainConfig())
+    model, tx = make_model(config), make_optimizer(OptimConfig.of(TrainConfig()))
     layout = parallel.plan(3, 8, 8, fsdp=fsdp)
     mesh, params = layout.mesh, init_params(config, jax.random.PRNGKey(0))
     shardings = parallel.state_shardings(mesh, TrainState(params, tx.init(params)))

@@ -11,7 +11,7 @@ import pytest
 from conftest import np_log_softmax
 from nanogpt_jax.config import TrainConfig
 from nanogpt_jax.model import GPTConfig, init_params, make_model
-from nanogpt_jax.optim import make_optimizer
+from nanogpt_jax.optim import OptimConfig, make_optimizer
 from nanogpt_jax.step import TrainState, eval_step, train_step
 
 
@@ -28,7 +28,7 @@ def test_micro_batches_equal_one_big_batch():
     config = GPTConfig(block_size=T, vocab_size=65, n_layer=1, n_head=2, n_embd=32, bias=False)
     model = make_model(config)
     cfg = TrainConfig(learning_rate=1e-3, decay_lr=False, weight_decay=0.1, grad_clip=1.0)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(OptimConfig.of(cfg))
     params = init_params(config, jax.random.PRNGKey(0))
     win = np.random.default_rng(0).integers(0, 65, (k * b, T + 1)).astype(np.int32)
     x, y = win[:, :-1], win[:, 1:]
@@ -65,7 +65,7 @@ def test_eval_step_is_the_mean_cross_entropy():
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     """--dtype=bfloat16: activations in bf16, parameters, gradients and optimizer state in float32."""
     cfg = TrainConfig(learning_rate=1e-3, warmup_iters=0, lr_decay_iters=10)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(OptimConfig.of(cfg))
     x = jax.random.randint(jax.random.PRNGKey(1), (1, 4, 16), 0, 65)
     y = jnp.roll(x, -1, axis=-1)
     out = {}
