@@ -191,10 +191,9 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path, char_data):
 
     out0, out1 = two_processes("--max_iters=3")
     assert "2 process(es), 4 of 4 devices" in out0
-    # process 0 speaks for both; gloo's own threads print "[Gloo] Rank N is connected to M peer ranks ..."
-    # lines, which two threads writing at once may cut in two
-    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]") and "peer ranks" not in line
-            and line.strip() not in ("", "[Gloo] Rank")] == []
+    # process 0 speaks for both. gloo's own threads print "[Gloo] Rank N is connected to M peer ranks ..."
+    # lines, which two threads writing at once cut anywhere (a lone "3" was seen): look for train's words
+    assert not [line for line in out1.splitlines() if re.search(r"iter|step|loss|sav|layout|compiled|parameters", line)]
     assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "latest").iterdir()) == ["3"]
     two_processes("--max_iters=6", "--init_from=resume")
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
