@@ -223,17 +223,17 @@ def generate(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, tem
     return job.result(_decode(config, params, s, max_new_tokens, rule=job.rule).tokens)
 
 
-def generate_stream(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, chunk: int = 16,
-                    **options) -> Iterator[np.ndarray]:
+def generate_stream(config: GPTConfig, params, prompt, max_new_tokens: int, *, key, chunk: int = 16, temperature=1.0,
+                    top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None,
+                    prompt_lengths=None, eos_id: int | Sequence[int] | None = None) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens (B, <= chunk) on the host as they are made; the chunks joined are
     generate's new tokens (with eos_id: up to the step where every row had stopped, after which generate's
     are all eos). Same options as generate; every chunk runs the same compiled decode program."""
-    job = _job(config, prompt, max_new_tokens, options.get("temperature", 1.0), options.get("top_k"),
-               options.get("top_p"), options.get("vocab_size"), options.get("prompt_lengths"), options.get("eos_id"))
+    job = _job(config, prompt, max_new_tokens, temperature, top_k, top_p, vocab_size, prompt_lengths, eos_id)
     if max_new_tokens == 0:
         return
-    s = _prefill(config, params, job.prompt_BT, job.n_prompt, job.start_B, key, options.get("temperature", 1.0),
-                 rule=job.rule, new_bucket=job.new_bucket)
+    s = _prefill(config, params, job.prompt_BT, job.n_prompt, job.start_B, key, temperature, rule=job.rule,
+                 new_bucket=job.new_bucket)
     shown = 0
     while True:
         made = int(s.n_new)
