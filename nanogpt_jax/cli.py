@@ -6,8 +6,8 @@ import sys
 
 import jax
 
-from . import bench, compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
-from .config import (BenchConfig, CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
+from . import compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
+from .config import (CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 
 USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
@@ -37,7 +37,6 @@ commands:
                                                     compile what train (or generate) would run, for this machine's
                                                     devices or a TPU topology (pip install 'nanogpt-jax[tpu]'), and
                                                     print each device's memory and FLOPs; exit 3 if it does not fit
-  bench [--key=value ...]                           measure training step and generate speed
   plot OUT_DIR [OUT_DIR ...] [--output=loss.png]    loss, lr and tokens/s of runs (pip install 'nanogpt-jax[plot]')
 
 --debug (or NANOGPT_JAX_DEBUG=1) shows the traceback behind an `error: ...` line.
@@ -45,7 +44,7 @@ train, sample and eval keep compiled programs in ~/.cache/nanogpt-jax/xla (under
 second run does not compile them again; --no_compile_cache or NANOGPT_JAX_COMPILE_CACHE=0 turns that off, and
 NANOGPT_JAX_COMPILE_CACHE=DIR puts it elsewhere.
 """
-CACHED = ("train", "sample", "eval")  # compile and bench report compile times: they always compile
+CACHED = ("train", "sample", "eval")  # compile reports compile times: it always compiles
 
 
 def use_compile_cache(argv) -> None:
@@ -140,12 +139,8 @@ def run_compile(argv):
     return 0
 
 
-def run_bench(argv):
-    print(json.dumps(bench.bench(options(BenchConfig, argv))))
-
-
 COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval,
-            "convert": run_convert, "compile": run_compile, "bench": run_bench, "plot": plot.main}
+            "convert": run_convert, "compile": run_compile, "plot": plot.main}
 
 
 def main(argv=None) -> int:

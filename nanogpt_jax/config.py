@@ -126,33 +126,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class BenchConfig(TrainConfig):
-    bench: str = "train"  # 'train' or 'generate'
-    shape: str | None = None  # a preset (bench.py's SHAPES): baby, char, gpt2, gpt2-xl; options given win
-    compare: str | None = None  # 'torch': the same shape in transformers + torch, alternating with ours
-    rounds: int = 3  # timed rounds; with --compare each round times ours, then theirs
-    side: str = "both"  # 'ours' or 'torch': time one side only (a fresh process per side measures its memory)
-    steps: int = 10  # timed training steps per round (after one compiling step)
-    vocab_size: int = 65  # synthetic data's vocabulary (65 = Tiny Shakespeare characters)
-    new_tokens: int = 500  # generate: tokens sampled per row
-    num_samples: int = 1  # generate: batch rows
-    prompt_tokens: int = 1  # generate: prompt length per row
-    temperature: float = 0.8  # generate: 0 = greedy (top_k 200 otherwise)
-    repeats: int = 3  # generate: timed calls per round
-
-    def __post_init__(self):
-        super().__post_init__()
-        _at_least(self, 1, "steps", "vocab_size", "num_samples", "repeats", "rounds", "prompt_tokens")
-        _at_least(self, 0, "new_tokens", "temperature")
-        if self.bench not in ("train", "generate"):
-            raise ConfigError(f"--bench={self.bench}: use train or generate")
-        if self.compare not in (None, "torch"):
-            raise ConfigError(f"--compare={self.compare}: use torch (or leave it out)")
-        if self.side not in ("both", "ours", "torch"):
-            raise ConfigError(f"--side={self.side}: use both, ours or torch")
-
-
-@dataclasses.dataclass
 class CompileConfig(TrainConfig):
     topology: str | None = None  # a TPU topology libtpu knows (v5e:2x4, v4:2x2x2, ...); None: this machine's devices
     what: str = "train"  # 'train' (the train step) or 'generate'

@@ -1,4 +1,4 @@
-"""Benchmark table: each case runs `nanogpt-jax bench --compare=torch` in a fresh process, which times ours and
+"""Benchmark table: each case runs `scripts/bench_case.py --compare=torch` in a fresh process, which times ours and
 transformers + torch alternately in that one process (and measures each side's memory in a fresh process of
 its own on a CPU); the table shows both sides and the ratio (> 1: nanogpt-jax is faster).
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DECODE = ["--bench=generate", "--shape=gpt2", "--compare=torch", "--repeats=1"]
+DECODE = ["--bench=generate", "--shape=gpt2", "--compare=torch", "--torch_compile", "--repeats=1"]
 
 CASES = {
     "quick": [
@@ -52,7 +52,7 @@ CASES = {
 
 def run_case(args: list[str], timeout: float | None) -> dict:
     try:
-        proc = subprocess.run([sys.executable, "-m", "nanogpt_jax.cli", "bench", *args],
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_case.py"), *args],
                               capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}

@@ -3,7 +3,7 @@ step and generate do) and in torch, the dense products those steps are made of, 
 
     python scripts/bench_floor.py [--rounds=7]
 
-Training: every dense product of one step at `nanogpt-jax bench --shape=gpt2` (2 x 1024 rows, float32),
+Training: every dense product of one step at `scripts/bench_case.py --shape=gpt2` (2 x 1024 rows, float32),
 forward and both backward products (x @ W, dY @ W^T, X^T @ dY) of the four layer matrices times 12 layers,
 and of the tied lm_head (wte, 50304 x 768). Attention's own products, the softmax, GELU, layer norms, Adam
 and the gradient all-reduce are left out, so the total is a lower bound on a step's time with that library's
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from nanogpt_jax.bench import DECODE_SHAPES, TRAIN_ROWS, TRAIN_SHAPES
+from benchmarks.presets import DECODE_SHAPES, TRAIN_ROWS, TRAIN_SHAPES
 
 GPT2 = TRAIN_SHAPES["gpt2"]  # the shapes `bench --shape=gpt2` times on a CPU
 N_LAYER, C, V_TRAIN, V_DECODE = GPT2["n_layer"], GPT2["n_embd"], GPT2["vocab_size"], DECODE_SHAPES["gpt2"]["vocab_size"]

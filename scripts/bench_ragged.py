@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from nanogpt_jax import GPTConfig, generate, init_params
-from nanogpt_jax.bench import DECODE_SHAPES
+from benchmarks.presets import DECODE_SHAPES
 
 
 def main():

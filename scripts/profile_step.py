@@ -4,7 +4,7 @@ summed over the step's threads and named by the model code it came from (the HLO
     python scripts/profile_step.py --shape=baby --steps=20          # the CPU recipe's step
     python scripts/profile_step.py --shape=gpt2 --steps=1 --top=15  # GPT-2 124M, 2 x 1024 on a CPU
 
-Options are `nanogpt-jax bench`'s (--shape, --batch_size, --dtype, ...) plus --top (rows printed, default 25).
+Options are scripts/bench_case.py's (--shape, --batch_size, --dtype, ...) plus --top (rows printed, default 25).
 Host CPU devices are one per core, as `train` and `bench` lay them out. On a GPU the trace's device lines
 are summed the same way.
 """
@@ -22,9 +22,9 @@ parallel.use_all_cpu_cores()  # before JAX starts its backend
 
 import jax  # noqa: E402
 
-from nanogpt_jax import bench  # noqa: E402
+from benchmarks.ours import OursTrain  # noqa: E402
+from benchmarks.presets import BenchConfig, shaped  # noqa: E402
 from nanogpt_jax.cli import options  # noqa: E402
-from nanogpt_jax.config import BenchConfig  # noqa: E402
 
 
 # The model part an op belongs to, from its op_name path (first match wins). Ops outside the shard_map are the
@@ -49,9 +49,9 @@ def op_sources(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
 
 def main(argv: list[str]) -> None:
     top = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--top=")), 25)
-    cfg = bench.shaped(options(BenchConfig, [a for a in argv if not a.startswith("--top=")]))
+    cfg = shaped(options(BenchConfig, [a for a in argv if not a.startswith("--top=")]))
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as trace_dir:
-        ours = bench.OursTrain(cfg, tmp)
+        ours = OursTrain(cfg, tmp)
         ours(2)  # warm, as bench's timed rounds are
         with jax.profiler.trace(trace_dir):
             t0 = time.perf_counter()

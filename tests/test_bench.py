@@ -1,16 +1,19 @@
 """The benchmarks' smallest cases run and report consistent numbers (never timed against a threshold): this keeps
-`nanogpt-jax bench`, its `--compare=torch` reference and scripts/bench.py working."""
+scripts/benchmarks/, its `--compare=torch` references and scripts/bench.py working."""
 
 import math
+import time
 from pathlib import Path
 
 import jax
 import pytest
 
 from conftest import nanogpt_num_params
-from nanogpt_jax import bench as bench_module
-from nanogpt_jax.bench import DECODE_SHAPES, TRAIN_SHAPES, allocator, bench, side_args
-from nanogpt_jax.config import BenchConfig, parse, run_config_file
+from benchmarks import case
+from benchmarks.case import bench, side_args
+from benchmarks.presets import DECODE_SHAPES, TRAIN_SHAPES, BenchConfig, shaped
+from benchmarks.probes import allocator
+from nanogpt_jax.config import parse, run_config_file
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dtype="float32")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -24,10 +27,12 @@ def positive(x) -> bool:
 def test_bench_train_smallest_case():
     """One timed step of a 1-layer model: finite positive ms and tokens/s that agree with each other, the
     batch and parameter count of the options given, FLOPs of nanoGPT's formula."""
+    t0 = time.perf_counter()
     r = bench(BenchConfig(bench="train", steps=1, rounds=1, batch_size=2, gradient_accumulation_steps=2, **TINY))
+    wall_s = time.perf_counter() - t0
     assert (r["bench"], r["batch"], r["micro_batch"], r["devices"]) == ("train", "2x2x8", 2, 1)
     assert positive(r["ms_per_iter"]) and positive(r["tokens_per_sec"]) and positive(r["compile_s"])
-    assert r["tokens_per_sec"] * r["ms_per_iter"] / 1000 == pytest.approx(2 * 2 * 8)
+    assert r["compile_s"] + r["ms_per_iter"] / 1000 < wall_s  # both were timed inside the call, apart
     n = nanogpt_num_params(11, 8, 1, 16, bias=False)
     assert r["params_M"] * 1e6 == pytest.approx(n)
     assert r["flops_per_iter_formula"] == (6 * n + 12 * 1 * 2 * 8 * 8) * 2 * 2 * 8  # nanoGPT's estimate_mfu
@@ -66,7 +71,7 @@ def test_bench_generate_smallest_case():
     """generate of 4 tokens for 2 rows: finite positive time and tokens/s, the model's size as nanoGPT counts it."""
     r = bench(BenchConfig(bench="generate", new_tokens=4, num_samples=2, repeats=1, rounds=1, **TINY))
     assert (r["bench"], r["batch"], r["new_tokens"], r["block_size"]) == ("generate", 2, 4, 8)
-    assert positive(r["ms"]) and positive(r["tokens_per_sec"])
+    assert positive(r["ms_per_call"]) and positive(r["tokens_per_sec"])
     assert r["params_M"] * 1e6 == pytest.approx(nanogpt_num_params(11, 8, 1, 16, bias=False))
 
 
@@ -75,7 +80,7 @@ def test_bench_compare_decoding_gives_transformers_tokens(monkeypatch):
     """Greedy decoding compared with transformers' generate on the same weights (ours copied into the HF model,
     a bias=False model's biases as zeros): the very same tokens. (The fresh memory processes are covered by
     the train comparison above; here each side's memory is left out.)"""
-    monkeypatch.setattr(bench_module, "fresh_process_memory", lambda cfg, side, n: {})
+    monkeypatch.setattr(case, "fresh_process_memory", lambda cfg, side, n: {})
     tiny = {**TINY, "block_size": 32, "vocab_size": 50}
     for bias in (True, False):
         r = bench(BenchConfig(bench="generate", compare="torch", prompt_tokens=5, new_tokens=20, num_samples=3,
@@ -104,7 +109,7 @@ def test_train_shapes_are_the_recipes(shape, config):
 def test_shape_preset_yields_to_given_options():
     """A preset fills what the user did not set; what they set stays."""
     cfg = parse(BenchConfig, ["--bench=generate", "--shape=gpt2", "--num_samples=8", "--new_tokens=16"])
-    got = bench_module.shaped(cfg)
+    got = shaped(cfg)
     assert (got.n_layer, got.n_embd, got.vocab_size, got.prompt_tokens) == (12, 768, 50257, 32)
     assert (got.num_samples, got.new_tokens, got.temperature) == (8, 16, 0.0)
     assert DECODE_SHAPES["gpt2"]["bias"] is True

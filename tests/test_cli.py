@@ -169,7 +169,7 @@ def test_sample_prints_the_ignored_flag_note(char_run, run_cli):
     ["sample", "--out_dir=nowhere"],
     ["eval", "--out_dir=nowhere"],
     ["convert"],
-    ["bench", "--num_devices=5", "--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2"],
+    ["compile", "--num_devices=5", "--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2"],
 ])
 def test_every_command_notes_ignored_nanogpt_flags(args, tmp_path, monkeypatch, run_cli):
     """Each command accepts nanoGPT's --compile/--device/--backend with a note per flag on stderr, before it

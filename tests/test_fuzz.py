@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanogpt_jax.config import (BenchConfig, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
+from nanogpt_jax.config import (CompileConfig, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                                 UserError, parse, run_config_file)
 
-CLASSES = [TrainConfig, BenchConfig, SampleConfig, EvalConfig, ConvertConfig, PrepareConfig]
+CLASSES = [TrainConfig, CompileConfig, SampleConfig, EvalConfig, ConvertConfig, PrepareConfig]
 KEYS = sorted({f for cls in CLASSES for f in cls.__dataclass_fields__} | {"compile", "device", "debug", ""})
 VALUES = st.one_of(
     st.sampled_from(["0", "-1", "1e9", "nan", "inf", "-inf", "True", "None", "''", "[1]", "{}", "(1,", "1" * 400,
