@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from .kernels import Dense, attention, on_rows
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -65,21 +67,6 @@ GATHERED = "gathered_layer_params"
 KVCache = tuple[jax.Array, jax.Array]
 
 
-def on_rows(linear, x_BTC):
-    """linear(x) with x's (B, T) flattened into R rows. A weight's gradient is then a plain (C, R) x (R, out)
-    product: contracted over (B, T), XLA:CPU wrote the gradient flowing into it transposed, element by element
-    (each MLP's GELU backward: 15% of the CPU recipe's step). The arithmetic is the same."""
-    y_RO = linear(x_BTC.reshape(-1, x_BTC.shape[-1]))
-    return y_RO.reshape(*x_BTC.shape[:-1], y_RO.shape[-1])
-
-
-class Dense(nn.Dense):
-    """nn.Dense on_rows."""
-
-    def __call__(self, x):
-        return on_rows(super().__call__, x)
-
-
 def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> Dense:
     return Dense(features, use_bias=config.bias, dtype=config.compute_dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros, name=name)
@@ -88,59 +75,6 @@ def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02) -> De
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=config.compute_dtype,
                         param_dtype=jnp.float32, name=name)
-
-
-# Query rows per block of causal_attention's XLA path (the fastest of 64-512 for GPT-2 124M at T=1024 on a CPU).
-ATTENTION_BLOCK = 128
-
-
-def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None):
-    """Causal attention through XLA's (or cuDNN's) fused kernel. Past ATTENTION_BLOCK tokens XLA's path runs
-    in blocks of query rows, each against only the keys it can see: the masked upper triangle, about half of
-    the scores at T=1024, is then neither computed nor kept for the backward pass. cuDNN skips it itself."""
-    T = q_BTNH.shape[1]
-    if impl == "cudnn" or T <= ATTENTION_BLOCK:
-        return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
-    blocks = []
-    for start in range(0, T, ATTENTION_BLOCK):
-        end = min(start + ATTENTION_BLOCK, T)
-        mask_QS = jnp.arange(end)[None, :] <= start + jnp.arange(end - start)[:, None]
-        blocks.append(jax.nn.dot_product_attention(q_BTNH[:, start:end], k_BTNH[:, :end], v_BTNH[:, :end],
-                                                   mask=mask_QS[None, None], implementation=impl))
-    return jnp.concatenate(blocks, axis=1)
-
-
-def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
-    """Causal attention written out, because nanoGPT drops attention probabilities while training and
-    dot_product_attention has no dropout. Softmax in float32 whatever the compute dtype."""
-    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
-    att_BNTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTNH, k_BTNH) / math.sqrt(H)
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    att_BNTT = jax.nn.softmax(jnp.where(causal_TT, att_BNTT.astype(jnp.float32), -jnp.inf), axis=-1)
-    att_BNTT = dropout(att_BNTT, deterministic=False).astype(v_BTNH.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", att_BNTT, v_BTNH)
-
-
-def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B=None):
-    """Decoding: write this chunk's keys/values into the (B, N, S, H) cache at column `pos` and attend to every
-    column filled so far, from row b's `start_B[b]` on (the columns before it are left padding). Returns
-    (y, updated (k, v) cache).
-
-    The cache is kept heads-first, the layout the score and value products read: kept (B, S, N, H), XLA
-    transposed the whole cache of every layer on every decoded token (a quarter of a batch-8 step on a CPU)."""
-    k_BNSH = jax.lax.dynamic_update_slice(kv[0], k_BTNH.swapaxes(1, 2).astype(kv[0].dtype), (0, 0, pos, 0))
-    v_BNSH = jax.lax.dynamic_update_slice(kv[1], v_BTNH.swapaxes(1, 2).astype(kv[1].dtype), (0, 0, pos, 0))
-    T, S = q_BTNH.shape[1], k_BNSH.shape[2]
-    column_T = pos + jnp.arange(T)
-    mask_BTS = (jnp.arange(S)[None, :] <= column_T[:, None])[None]
-    if start_B is not None:
-        # A padding column's query sees only itself: a row with no key at all would be 0/0 = NaN, which its
-        # value product would carry into the real rows' scores of later layers.
-        first_BT = jnp.minimum(start_B[:, None], column_T[None, :])
-        mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] >= first_BT[..., None])
-    y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BNSH.swapaxes(1, 2), v_BNSH.swapaxes(1, 2),
-                                          mask=mask_BTS[:, None])
-    return y_BTNH, (k_BNSH, v_BNSH)
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,12 +86,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x_BTC.shape
         qkv_BT3C = _dense(c, 3 * C, "c_attn")(x_BTC)
         q, k, v = (t.reshape(B, T, c.n_head, C // c.n_head) for t in jnp.split(qkv_BT3C, 3, axis=-1))
-        if kv is not None:
-            y_BTNH, kv = cached_attention(q, k, v, kv, pos, start_B)
-        elif c.dropout > 0.0 and not deterministic:
-            y_BTNH = dropout_attention(q, k, v, nn.Dropout(c.dropout))
-        else:
-            y_BTNH = causal_attention(q, k, v, c.attn_impl)
+        dropout = nn.Dropout(c.dropout) if c.dropout > 0.0 and not deterministic else None
+        y_BTNH, kv = attention(q, k, v, c.attn_impl, dropout, kv, pos, start_B)
         y_BTC = _dense(c, C, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(y_BTNH.reshape(B, T, C))
         return nn.Dropout(c.dropout)(y_BTC, deterministic=deterministic), kv
 

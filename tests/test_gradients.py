@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import hf_gpt2
-from nanogpt_jax.model import ATTENTION_BLOCK, make_model
+from nanogpt_jax.kernels import ATTENTION_BLOCK
+from nanogpt_jax.model import make_model
 from nanogpt_jax.pretrained import from_pretrained, hf_layout
 from nanogpt_jax.step import loss_fn
 

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanogpt_jax"
 
 # Lowest first. A module may import from the layers before its own, never from its own or a later one.
 LAYERS = [
-    {"config"},
+    {"config", "kernels"},
     {"model"},
     {"assets", "tracking", "memory"},
     {"tokenizers"},
@@ -16,7 +16,6 @@ LAYERS = [
     {"load", "corpora", "textdata", "control"},
     {"program"},
     {"train", "evaluate", "convert", "sample", "plot", "compile_check"},
-    {"bench"},
     {"cli"},
     {"__init__"},
 ]

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import nanogpt_num_params, np_log_softmax
-from nanogpt_jax.model import (ATTENTION_BLOCK, GPTConfig, crop_block_size, cross_entropy, init_cache, init_params,
+from nanogpt_jax.kernels import ATTENTION_BLOCK
+from nanogpt_jax.model import (GPTConfig, crop_block_size, cross_entropy, init_cache, init_params,
                                make_model, num_params)
 from nanogpt_jax.step import loss_fn
 

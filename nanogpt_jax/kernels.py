@@ -1,0 +1,93 @@
+"""The kernels under the model, and the choice between them: causal attention (XLA's or cuDNN's fused kernel,
+in query blocks past ATTENTION_BLOCK tokens; written out where nanoGPT drops attention probabilities; against
+the KV cache when decoding) and the linear layers' row layout. model.py says what the network computes;
+this module says how, per backend.
+
+Shapes: B batch, T tokens of this call, R = B x T rows, S cached positions, N heads, H head size, O outputs.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def on_rows(linear, x_BTC):
+    """linear(x) with x's (B, T) flattened into R rows. A weight's gradient is then a plain (C, R) x (R, out)
+    product: contracted over (B, T), XLA:CPU wrote the gradient flowing into it transposed, element by element
+    (each MLP's GELU backward: 15% of the CPU recipe's step). The arithmetic is the same."""
+    y_RO = linear(x_BTC.reshape(-1, x_BTC.shape[-1]))
+    return y_RO.reshape(*x_BTC.shape[:-1], y_RO.shape[-1])
+
+
+class Dense(nn.Dense):
+    """nn.Dense on_rows."""
+
+    def __call__(self, x):
+        return on_rows(super().__call__, x)
+
+
+# Query rows per block of causal_attention's XLA path (the fastest of 64-512 for GPT-2 124M at T=1024 on a CPU).
+ATTENTION_BLOCK = 128
+
+
+def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None):
+    """Causal attention through XLA's (or cuDNN's) fused kernel. Past ATTENTION_BLOCK tokens XLA's path runs
+    in blocks of query rows, each against only the keys it can see: the masked upper triangle, about half of
+    the scores at T=1024, is then neither computed nor kept for the backward pass. cuDNN skips it itself."""
+    T = q_BTNH.shape[1]
+    if impl == "cudnn" or T <= ATTENTION_BLOCK:
+        return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
+    blocks = []
+    for start in range(0, T, ATTENTION_BLOCK):
+        end = min(start + ATTENTION_BLOCK, T)
+        mask_QS = jnp.arange(end)[None, :] <= start + jnp.arange(end - start)[:, None]
+        blocks.append(jax.nn.dot_product_attention(q_BTNH[:, start:end], k_BTNH[:, :end], v_BTNH[:, :end],
+                                                   mask=mask_QS[None, None], implementation=impl))
+    return jnp.concatenate(blocks, axis=1)
+
+
+def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
+    """Causal attention written out, because nanoGPT drops attention probabilities while training and
+    dot_product_attention has no dropout. Softmax in float32 whatever the compute dtype."""
+    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+    att_BNTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTNH, k_BTNH) / math.sqrt(H)
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    att_BNTT = jax.nn.softmax(jnp.where(causal_TT, att_BNTT.astype(jnp.float32), -jnp.inf), axis=-1)
+    att_BNTT = dropout(att_BNTT, deterministic=False).astype(v_BTNH.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", att_BNTT, v_BTNH)
+
+
+def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B=None):
+    """Decoding: write this chunk's keys/values into the (B, N, S, H) cache at column `pos` and attend to every
+    column filled so far, from row b's `start_B[b]` on (the columns before it are left padding). Returns
+    (y, updated (k, v) cache).
+
+    The cache is kept heads-first, the layout the score and value products read: kept (B, S, N, H), XLA
+    transposed the whole cache of every layer on every decoded token (a quarter of a batch-8 step on a CPU)."""
+    k_BNSH = jax.lax.dynamic_update_slice(kv[0], k_BTNH.swapaxes(1, 2).astype(kv[0].dtype), (0, 0, pos, 0))
+    v_BNSH = jax.lax.dynamic_update_slice(kv[1], v_BTNH.swapaxes(1, 2).astype(kv[1].dtype), (0, 0, pos, 0))
+    T, S = q_BTNH.shape[1], k_BNSH.shape[2]
+    column_T = pos + jnp.arange(T)
+    mask_BTS = (jnp.arange(S)[None, :] <= column_T[:, None])[None]
+    if start_B is not None:
+        # A padding column's query sees only itself: a row with no key at all would be 0/0 = NaN, which its
+        # value product would carry into the real rows' scores of later layers.
+        first_BT = jnp.minimum(start_B[:, None], column_T[None, :])
+        mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] >= first_BT[..., None])
+    y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BNSH.swapaxes(1, 2), v_BNSH.swapaxes(1, 2),
+                                          mask=mask_BTS[:, None])
+    return y_BTNH, (k_BNSH, v_BNSH)
+
+
+def attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None, dropout: nn.Dropout | None = None, kv=None, pos=None,
+              start_B=None):
+    """Causal attention as the call needs it: against the cache `kv` when decoding (returns the updated
+    cache), written out when `dropout` drops attention probabilities (training), else the fused kernel of
+    `impl` (None: XLA picks; "xla"; "cudnn"). Returns (y (B, T, N, H), cache or None)."""
+    if kv is not None:
+        return cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B)
+    if dropout is not None:
+        return dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout), None
+    return causal_attention(q_BTNH, k_BTNH, v_BTNH, impl), None
