@@ -5,6 +5,7 @@ nothing is downloaded: the download is tested with file:// URLs)."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import tiktoken
 import torch
 from torch.nn import functional as F
 
-from conftest import hf_gpt2
+from conftest import assert_one_error_line, hf_gpt2
 from nanogpt_jax import hellaswag
 from nanogpt_jax.data import DataError
 from nanogpt_jax.load import crop
@@ -160,6 +161,47 @@ def test_a_bad_line_is_named(tmp_path, line, number):
     path.write_text("\n\n")
     with pytest.raises(DataError, match="holds no HellaSwag examples"):
         hellaswag.read(path)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_eval_task_hellaswag_prints_the_figures(hf_bpe, val_file, run_cli):
+    """One result line with acc, acc_norm and the count, build-nanogpt's figures; a progress bar on stderr."""
+    model, folder = hf_bpe
+    r = build_nanogpt_accuracy([build_nanogpt_losses(model, ctx, endings) for ctx, endings, _ in EXAMPLES])
+    code, out, err = run_cli("eval", "--task=hellaswag", f"--init_from={folder}", f"--hellaswag_file={val_file}",
+                             "--batch_size=2", "--dtype=float32")
+    assert code == 0, err
+    assert out.splitlines() == [f"hellaswag {val_file}: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} "
+                                f"(6 examples)"]
+    assert "hellaswag: 100%" in err and "3/3" in err
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--hellaswag_file=missing.jsonl"], ["--hellaswag_file=missing.jsonl", "no such file", "download", "URL"]),
+    ([], ["cannot download", "URL", "--hellaswag_file=PATH"]),  # no file given, and the download fails
+    (["--init_from=SMALL", "--hellaswag_file=VAL"], ["GPT-2 BPE", "vocabulary of 512"]),
+    (["--init_from=CHARS", "--hellaswag_file=VAL"], ["GPT-2 BPE", "reads char tokens"]),  # an exported char model
+    (["--task=hellaswa"], ["--task=hellaswa", "loss or hellaswag"]),
+])
+def test_eval_hellaswag_errors_are_one_line(args, fragments, hf_bpe, hf_small, val_file, tmp_path, monkeypatch,
+                                            run_cli):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    url = (tmp_path / "nowhere.jsonl").as_uri()
+    monkeypatch.setattr(hellaswag, "URL", url)
+    chars = shutil.copytree(hf_bpe[1], tmp_path / "chars")
+    (chars / "meta.json").write_text(json.dumps({"vocab_size": 2, "itos": ["a", "b"]}))
+    args = [a.replace("SMALL", str(hf_small[1])).replace("CHARS", str(chars)).replace("VAL", str(val_file))
+            for a in args]
+    code, out, err = run_cli("eval", "--task=hellaswag", f"--init_from={hf_bpe[1]}", *args)
+    assert_one_error_line(code, out, err, *[f.replace("URL", url) for f in fragments])
+
+
+def test_hellaswag_file_needs_the_task(run_cli):
+    assert_one_error_line(*run_cli("eval", "--hellaswag_file=x.jsonl"), "--hellaswag_file=x.jsonl",
+                          "--task=hellaswag")
 
 
 SHARDED = """
