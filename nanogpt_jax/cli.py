@@ -31,6 +31,9 @@ commands:
   eval [CONFIG.py] [--init_from=resume|gpt2|HF_DIR] [--split=val|train | --input=FILE] [--eval_iters=0] ...
                                                     loss, perplexity, bits/char of a checkpoint or GPT-2 on a dataset
                                                     split or a text file (--eval_iters=0: every token once)
+  eval --task=hellaswag [--init_from=...] [--hellaswag_file=PATH]
+                                                    HellaSwag acc / acc_norm (build-nanogpt's scoring; the val set
+                                                    is downloaded once into ~/.cache/nanogpt-jax/hellaswag)
   convert --init_from=gpt2|HF_DIR --out_dir=DIR     HuggingFace GPT-2 -> checkpoint (train, sample, eval it)
   convert [--out_dir=DIR] --hf_dir=HF_DIR           checkpoint -> HuggingFace folder (GPT2LMHeadModel)
   compile [CONFIG.py] [--topology=v5e:2x4] [--what=train|generate] [--json] [--key=value ...]
@@ -118,7 +121,12 @@ def run_sample(argv):
 
 
 def run_eval(argv):
-    r = evaluate.run(options(EvalConfig, argv))
+    cfg = options(EvalConfig, argv)
+    if cfg.task == "hellaswag":
+        r = evaluate.run_hellaswag(cfg)
+        print(f"hellaswag {r['source']}: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['n']:,} examples)")
+        return
+    r = evaluate.run(cfg)
     bpc = "n/a (no stats.json: prepare the dataset again)" if r.bits_per_char is None else f"{r.bits_per_char:.4f}"
     print(f"{r.source}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f}, bits/char {bpc} "
           f"({r.tokens:,} tokens, {r.batches:,} batches)")

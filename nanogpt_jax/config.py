@@ -192,6 +192,8 @@ class EvalConfig(LoadConfig):
     eval_iters: int = 200  # random batches, as train's estimate; 0 = every non-overlapping window once
     seed: int = 1337
     eval_only: bool = True  # accepted so that nanoGPT's eval configs run here too; eval never trains
+    task: str = "loss"  # 'loss' (the options above) or 'hellaswag' (batch_size: examples per forward pass)
+    hellaswag_file: str | None = None  # None: rowanz/hellaswag's hellaswag_val.jsonl, downloaded once
 
     def __post_init__(self):
         super().__post_init__()
@@ -199,6 +201,10 @@ class EvalConfig(LoadConfig):
         _at_least(self, 0, "eval_iters")
         if self.split not in ("train", "val"):
             raise ConfigError(f"--split={self.split}: use one of train, val")
+        if self.task not in ("loss", "hellaswag"):
+            raise ConfigError(f"--task={self.task}: use loss or hellaswag")
+        if self.hellaswag_file is not None and self.task != "hellaswag":
+            raise ConfigError(f"--hellaswag_file={self.hellaswag_file} needs --task=hellaswag")
 
 
 @dataclasses.dataclass

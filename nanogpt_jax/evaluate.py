@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from . import data, parallel
+from . import data, hellaswag, parallel
 from .config import EvalConfig
 from .data import DataError
-from .tokenizers import Tokenizer
+from .tokenizers import Tokenizer, kind
 from .load import crop, load_model
 from .model import GPTConfig, make_model
 from .step import eval_step
@@ -137,3 +137,16 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     r = evaluate(config, params, tokens, batch_size=batch_size, eval_iters=cfg.eval_iters,
                  seed_key=(cfg.seed, split_id), progress=progress, source=source)
     return r._replace(bits_per_char=None if tokens_per_char is None else r.loss / math.log(2) * tokens_per_char)
+
+
+def run_hellaswag(cfg: EvalConfig, progress: bool = True) -> dict:
+    """`nanogpt-jax eval --task=hellaswag`: {acc, acc_norm, n, source} of the model cfg names."""
+    config, params, meta, _ = load_model(cfg)
+    if meta is not None:
+        raise DataError(f"HellaSwag is read in GPT-2 BPE; this model reads {kind(meta)} tokens")
+    if cfg.block_size is not None and cfg.block_size != config.block_size:
+        config, params = crop(config, params, cfg.block_size)
+    path = hellaswag.dataset_file(cfg.hellaswag_file, log=lambda line: print(line, file=sys.stderr))
+    result = hellaswag.evaluate(config, params, hellaswag.read(path), batch_size=cfg.batch_size or 12,
+                                progress=progress)
+    return {**result, "source": str(path)}

@@ -13,7 +13,7 @@ LAYERS = [
     {"assets", "tracking", "memory"},
     {"tokenizers"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
-    {"load", "corpora", "textdata", "control"},
+    {"load", "corpora", "textdata", "control", "hellaswag"},
     {"program"},
     {"train", "evaluate", "convert", "sample", "plot", "compile_check"},
     {"cli"},
