@@ -8,7 +8,7 @@ import jax
 
 from . import compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
 from .config import (CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
-                     UserError, parse)
+                     UserError, parse, user_cache)
 
 USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
 
@@ -58,9 +58,7 @@ def use_compile_cache(argv) -> None:
         return
     if setting == "0" or argv[0] not in CACHED:
         return
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    jax.config.update("jax_compilation_cache_dir",
-                      setting if setting not in ("", "1") else os.path.join(home, "nanogpt-jax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", setting if setting not in ("", "1") else str(user_cache("xla")))
 
 
 def options(cls, argv, positional=None):

@@ -15,6 +15,13 @@ import sys
 import traceback
 import types
 import typing
+from pathlib import Path
+
+
+def user_cache(*parts: str) -> Path:
+    """A path in nanogpt-jax's folder of the user's cache: $XDG_CACHE_HOME/nanogpt-jax, else ~/.cache/nanogpt-jax."""
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home, "nanogpt-jax", *parts)
 
 
 class UserError(ValueError):
@@ -39,6 +46,11 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # if False, save only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume', or a GPT-2 name / HF folder
     checkpoint: str = "latest"  # init_from='resume' continues from 'latest', or from 'best' (e.g. latest is damaged)
+    # HellaSwag's acc / acc_norm every this many iterations and at the last (0 = never; GPT-2 BPE models only),
+    # on --hellaswag_file or the validation set downloaded once into the user's cache
+    hellaswag_interval: int = 0
+    hellaswag_file: str | None = None
+    profile: str | None = None  # START:STOP: a jax.profiler trace of iterations START..STOP-1 in out_dir/profile
     # data
     dataset: str = "openwebtext"
     data_dir: str = "data"
@@ -95,7 +107,9 @@ class TrainConfig:
     def __post_init__(self):
         _at_least(self, 1, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                   "batch_size", "block_size", "n_layer", "n_head", "n_embd")
-        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "process_id")
+        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "process_id",
+                  "hellaswag_interval")
+        profile_range(self.profile)
         _at_least(self, 1, "fsdp", "num_processes")
         if self.checkpoint not in ("latest", "best"):
             raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
@@ -235,6 +249,16 @@ class PrepareConfig:
             raise ConfigError(f"--val_fraction={self.val_fraction}: must be in (0, 1)")
         if self.tokenizer not in ("char", "word", "gpt2", "sentencepiece"):
             raise ConfigError(f"--tokenizer={self.tokenizer}: use char, word, gpt2 or sentencepiece")
+
+
+def profile_range(text: str | None) -> range | None:
+    """--profile=START:STOP as the iterations it traces."""
+    if text is None:
+        return None
+    start, colon, stop = str(text).partition(":")
+    if not (colon and start.isdigit() and stop.isdigit() and int(start) < int(stop)):
+        raise ConfigError(f"--profile={text}: give START:STOP, iterations with START < STOP (e.g. --profile=10:15)")
+    return range(int(start), int(stop))
 
 
 def _at_least(cfg, low, *keys):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import parallel
 from .assets import gpt2_encoding
+from .config import user_cache
 from .model import GPTConfig, make_model
 from .tokenizers import DataError
 
@@ -40,9 +41,8 @@ class Example(NamedTuple):
 
 
 def cache_path() -> Path:
-    """Where the download is kept: under $XDG_CACHE_HOME or ~/.cache, as the compile cache (cli.py)."""
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(home, "nanogpt-jax", "hellaswag", "hellaswag_val.jsonl")
+    """Where the download is kept, in the user's cache beside the compile cache."""
+    return user_cache("hellaswag", "hellaswag_val.jsonl")
 
 
 def download(path: Path) -> None:

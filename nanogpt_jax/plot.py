@@ -1,7 +1,9 @@
-"""`nanogpt-jax plot OUT_DIR [OUT_DIR ...] [--output=loss.png]`: loss, learning rate and tokens/s of runs.
+"""`nanogpt-jax plot OUT_DIR [OUT_DIR ...] [--output=loss.png]`: loss, learning rate and tokens/s of runs,
+and HellaSwag's accuracy where a run measured it.
 
 Reads each run's metrics.jsonl (step records: iter, loss, lr, tokens_per_sec, ...; eval records: iter,
-train_loss, val_loss) and draws them against the iteration, one colour per run.
+train_loss, val_loss; HellaSwag records: iter, hellaswag_acc, hellaswag_acc_norm) and draws them against the
+iteration, one colour per run.
 """
 
 from .config import UserError
@@ -9,8 +11,9 @@ from .tracking import read_metrics
 
 # (record key, panel, line style): thin for the noisy per-step loss, markers for the evaluations
 CURVES = (("loss", 0, dict(lw=0.8, alpha=0.4)), ("train_loss", 0, dict(ls="--", marker=".")),
-          ("val_loss", 0, dict(marker="o", ms=3)), ("lr", 1, dict()), ("tokens_per_sec", 2, dict()))
-PANELS = ("loss", "learning rate", "tokens/s")
+          ("val_loss", 0, dict(marker="o", ms=3)), ("lr", 1, dict()), ("tokens_per_sec", 2, dict()),
+          ("hellaswag_acc", 3, dict(ls="--", marker=".")), ("hellaswag_acc_norm", 3, dict(marker="o", ms=3)))
+PANELS = ("loss", "learning rate", "tokens/s", "HellaSwag")
 
 
 class PlotError(UserError):
@@ -38,18 +41,20 @@ def plot(out_dirs: list[str], output: str = "loss.png") -> str:
     except ImportError:
         raise PlotError("plot needs matplotlib: pip install 'nanogpt-jax[plot]' (or pip install matplotlib)") from None
 
-    fig = Figure(figsize=(8, 9), dpi=100, layout="constrained")
-    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    drawn = [p for p in range(len(PANELS))  # a panel only where some run has its records
+             if p < 3 or any(series(r, key)[0] for r in runs.values() for key, panel, _ in CURVES if panel == p)]
+    fig = Figure(figsize=(8, 3 * len(drawn)), dpi=100, layout="constrained")
+    axes = dict(zip(drawn, fig.subplots(len(drawn), 1, sharex=True)))
     for n, (label, records) in enumerate(runs.items()):
         for key, panel, style in CURVES:
             iters, values = series(records, key)
             if iters:
                 axes[panel].plot(iters, values, color=f"C{n % 10}", label=f"{label}: {key}", **style)
-    for ax, name in zip(axes, PANELS):
+    for ax, name in ((axes[p], PANELS[p]) for p in drawn):
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    axes[-1].set_xlabel("iteration")
+    axes[drawn[-1]].set_xlabel("iteration")
     try:
         fig.savefig(output)
     except OSError as e:

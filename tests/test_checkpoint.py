@@ -13,7 +13,8 @@ from nanogpt_jax.checkpoint import RECORD_VERSION, Checkpointer, CheckpointError
 from nanogpt_jax.config import TrainConfig, UserError
 from nanogpt_jax.load import load_run
 from nanogpt_jax.model import GPTConfig, init_params
-from nanogpt_jax.train import Run, train
+from nanogpt_jax.run import Run
+from nanogpt_jax.train import train
 
 TINY = GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8)
 

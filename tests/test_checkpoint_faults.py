@@ -27,7 +27,8 @@ from conftest import REPO, assert_one_error_line, assert_trees_equal, quiet, tin
 from nanogpt_jax.checkpoint import ORBAX_DIR, Checkpointer, checksum
 from nanogpt_jax.load import load_run
 from nanogpt_jax.tracking import read_metrics
-from nanogpt_jax.train import Run, train
+from nanogpt_jax.run import Run
+from nanogpt_jax.train import train
 
 # the tiny run's options, as the command line takes them
 TINY = dict(n_layer=1, n_head=1, n_embd=16, block_size=8, batch_size=2, eval_iters=1)

@@ -17,7 +17,7 @@ from nanogpt_jax.config import TrainConfig, parse
 from nanogpt_jax.data import DataError, TokenShards, check_splits, open_split, read_windows
 from nanogpt_jax.evaluate import batches
 from nanogpt_jax.load import model_config
-from nanogpt_jax.train import Run
+from nanogpt_jax.run import Run
 
 from conftest import REPO, assert_one_error_line
 

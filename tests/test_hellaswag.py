@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -14,12 +15,17 @@ import pytest
 import tiktoken
 import torch
 from torch.nn import functional as F
+from transformers import GPT2LMHeadModel
 
-from conftest import assert_one_error_line, hf_gpt2
+from conftest import assert_one_error_line, hf_gpt2, read_metrics, tiny_cfg
 from nanogpt_jax import hellaswag
+from nanogpt_jax.config import ConfigError
+from nanogpt_jax.convert import export_hf
 from nanogpt_jax.data import DataError
 from nanogpt_jax.load import crop
+from nanogpt_jax.plot import plot
 from nanogpt_jax.pretrained import from_pretrained
+from nanogpt_jax.train import train
 
 # (ctx, endings, label): short texts of our own; the longest row is 35 tokens
 EXAMPLES = [
@@ -234,3 +240,30 @@ def test_rows_split_over_devices_and_fsdp_params(hf_bpe, val_file, tmp_path):
     for name, (s, m) in json.loads(proc.stdout.splitlines()[-1]).items():
         np.testing.assert_allclose(s, sums, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(m, means, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_train_measures_hellaswag_at_its_interval_and_the_end(bpe_data, val_file, tmp_path):
+    """train --hellaswag_interval=4 on a GPT-2 BPE dataset: hellaswag records at iterations 0, 4 and the last (6)
+    in metrics.jsonl; the last one's figures equal build-nanogpt's script run on the final checkpoint exported
+    to transformers; the plot gains a HellaSwag panel."""
+    data_dir, _ = bpe_data
+    out = tmp_path / "out"
+    lines = []
+    train(tiny_cfg(data_dir, out, dataset="shakespeare", block_size=64, max_iters=6, eval_interval=3,
+                   hellaswag_interval=4, hellaswag_file=str(val_file)), log=lines.append)
+    records = [r for r in read_metrics(out) if "hellaswag_acc" in r]
+    assert [r["iter"] for r in records] == [0, 4, 6]
+    assert sum(line.startswith("step 4: hellaswag acc ") for line in lines) == 1
+    export_hf(str(out), str(tmp_path / "hf"))
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    expected = build_nanogpt_accuracy([build_nanogpt_losses(model, ctx, endings) for ctx, endings, _ in EXAMPLES])
+    assert (records[-1]["hellaswag_acc"], records[-1]["hellaswag_acc_norm"]) == (expected["acc"], expected["acc_norm"])
+    plot([str(out)], str(tmp_path / "run.png"))
+    assert (tmp_path / "run.png").read_bytes()[16:24] == struct.pack(">II", 800, 1200)  # four panels of 300 px
+
+
+def test_train_refuses_hellaswag_on_a_char_dataset(char_data, val_file, tmp_path):
+    data_dir, _ = char_data
+    with pytest.raises(ConfigError, match="HellaSwag is read in GPT-2 BPE; shakespeare_char is char tokens"):
+        train(tiny_cfg(data_dir, tmp_path, hellaswag_interval=5, hellaswag_file=str(val_file)))

@@ -15,7 +15,9 @@ LAYERS = [
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
     {"load", "corpora", "textdata", "control", "hellaswag"},
     {"program"},
-    {"train", "evaluate", "convert", "sample", "plot", "compile_check"},
+    {"saving", "evaluate", "convert", "sample", "plot", "compile_check"},
+    {"run", "step_log"},
+    {"train"},
     {"cli"},
     {"__init__"},
 ]

@@ -3,6 +3,8 @@ Tiny Shakespeare (GPT and the lecture's bigram), micro-batches and finetuning fr
 they should, the step compiles once, and bad runs are refused before they start."""
 
 import dataclasses
+import gzip
+import json
 import math
 
 import jax
@@ -18,7 +20,8 @@ from nanogpt_jax.data import DataError, gpt2_encoding
 from nanogpt_jax.evaluate import run as run_eval
 from nanogpt_jax.load import load_run, model_config
 from nanogpt_jax.model import init_params, unstack_layers
-from nanogpt_jax.train import Run, train
+from nanogpt_jax.run import Run
+from nanogpt_jax.train import train
 
 GPT2_VOCAB = 50257
 
@@ -362,7 +365,7 @@ def _poison_some_batches(monkeypatch):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch):
-    from nanogpt_jax.train import NonFiniteLossError
+    from nanogpt_jax.saving import NonFiniteLossError
 
     data_dir, _ = char_data
     _poison_some_batches(monkeypatch)
@@ -478,3 +481,18 @@ def test_eval_only_evaluates_and_stops_on_resume_too(char_data, tmp_path):
     assert result["iter_num"] == 2 and set(result["last_losses"]) == {"train", "val"}
     assert_trees_equal(load_checkpoint(str(tmp_path))[1], before)
     assert max(m["iter"] for m in read_metrics(tmp_path)) == 2
+
+
+@pytest.mark.slow
+def test_profile_traces_the_iterations_asked_for(char_data, tmp_path):
+    """--profile=1:3 writes a jax.profiler trace (TensorBoard's xplane.pb and Perfetto's JSON) holding the
+    train step's executions, each step annotated with its iteration: 1 and 2, no other."""
+    data_dir, _ = char_data
+    lines = []
+    train(tiny_cfg(data_dir, tmp_path, max_iters=5, eval_interval=5, profile="1:3"), log=lines.append)
+    (trace,) = (tmp_path / "profile").glob("plugins/profile/*/perfetto_trace.json.gz")
+    assert list(trace.parent.glob("*.xplane.pb"))
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train") == [1, 2]
+    assert any("jit(train_step)" in e.get("name", "") for e in events)  # the step ran inside the trace
+    assert any(line.startswith("profile of iterations 1..2 written to ") for line in lines)
