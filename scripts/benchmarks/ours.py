@@ -11,7 +11,7 @@ from nanogpt_jax.config import ConfigError
 from nanogpt_jax.generate import generate
 from nanogpt_jax.load import model_config
 from nanogpt_jax.model import GPTConfig, init_params
-from nanogpt_jax.train import Run
+from nanogpt_jax.run import Run
 
 from .presets import BenchConfig, backend
 
