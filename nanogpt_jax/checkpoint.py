@@ -139,7 +139,7 @@ class _OrbaxFailureNoise(logging.Filter):
     behind end as unraisable exceptions: 'Event loop is closed' from tensorstore's callbacks, and the errors of
     orbax's own read coroutines, which nobody awaits any more. Those of its read tasks that finished before the
     process exits are logged by asyncio ('Task exception was never retrieved'). The Checkpointer reports such a
-    failure itself, once, as one line: these are dropped."""
+    failure itself, once, as one line: the command line drops these (quiet_orbax_failures)."""
 
     def filter(self, record):
         if record.levelno < logging.ERROR:
@@ -167,8 +167,10 @@ def _raised_in_orbax(exc: BaseException | None) -> bool:
                                    for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
-def _quiet_orbax_failures() -> None:
-    """Install _OrbaxFailureNoise's filters once per process."""
+def quiet_orbax_failures() -> None:
+    """Install _OrbaxFailureNoise's filters once per process. For a program that owns its process (the
+    command line calls it): the abandoned reads of a failed restore end as late as the interpreter's exit, so
+    the filters stay. A library caller keeps orbax's own logs unless it calls this."""
     if getattr(sys.unraisablehook, "orbax_noise", False):
         return
     noise = _OrbaxFailureNoise()
@@ -208,7 +210,6 @@ class Checkpointer:
         except OSError as e:
             raise CheckpointSaveError(f"cannot write checkpoints to {root}: {_why(e)}") from e
         self._pending = {}  # kind -> iteration of a save still being written
-        _quiet_orbax_failures()
 
     def save(self, kind: str, iter_num: int, params, opt_state, rng, record: RunRecord) -> None:
         # One save at a time: `latest` and `best` of one step would share orbax's multi-process barrier names.

@@ -7,6 +7,7 @@ import sys
 import jax
 
 from . import compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
+from .checkpoint import quiet_orbax_failures
 from .config import (CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse, user_cache)
 
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     parallel.quiet_libtpu()
+    quiet_orbax_failures()  # a failed save or restore is one error line, not orbax's thread tracebacks
     use_compile_cache(argv)
     if argv[0] != "train":  # train may join several processes first
         parallel.use_all_cpu_cores()

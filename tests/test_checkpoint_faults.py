@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, assert_one_error_line, assert_trees_equal, quiet, tiny_cfg
-from nanogpt_jax.checkpoint import ORBAX_DIR, Checkpointer, checksum
+from nanogpt_jax.checkpoint import ORBAX_DIR, Checkpointer, checksum, quiet_orbax_failures
 from nanogpt_jax.load import load_run
 from nanogpt_jax.tracking import read_metrics
 from nanogpt_jax.run import Run
@@ -211,8 +211,8 @@ def test_a_subprocess_prints_one_line_for_a_damaged_checkpoint(small_run, tmp_pa
 def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, caplog):
     """A failed restore abandons orbax's other read tasks; those that finish before the process exits are
     logged by asyncio when collected ('Task exception was never retrieved'), after the one error line. The
-    Checkpointer drops them, and only them: the same failure raised outside orbax is still logged."""
-    Checkpointer(str(tmp_path / "run"))
+    command line drops them, and only them: the same failure raised outside orbax is still logged."""
+    quiet_orbax_failures()
 
     def abandoned_failure(filename):
         code = compile("async def read():\n    raise ValueError('truncated')\n", filename, "exec")
@@ -231,6 +231,20 @@ def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, cap
         assert caplog.records == []
         abandoned_failure(str(tmp_path / "elsewhere.py"))
     assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
+
+
+def test_the_library_leaves_logging_and_the_unraisable_hook_alone(tmp_path):
+    """Importing the package and making a Checkpointer change no process-wide hook or logger: only the command
+    line (the program that owns the process) installs the orbax filters."""
+    code = ("import logging, sys\n"
+            "hook = sys.unraisablehook\n"
+            "from nanogpt_jax.checkpoint import Checkpointer\n"
+            f"Checkpointer({str(tmp_path / 'run')!r}).close()\n"
+            "assert sys.unraisablehook is hook, 'unraisablehook replaced'\n"
+            "assert not logging.getLogger('absl').filters and not logging.getLogger('asyncio').filters\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.slow
