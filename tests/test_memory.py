@@ -78,7 +78,7 @@ def test_sampling_a_billion_tokens_is_refused(char_run, run_cli):
 
 
 def test_the_command_refuses_a_million_layers_in_seconds(char_data, tmp_path):
-    """The real command line: it used to trace a million layers for minutes before failing."""
+    """The real command line refuses in seconds, before tracing a million layers (which takes minutes)."""
     data_dir, _ = char_data
     proc = subprocess.run([sys.executable, "-m", "nanogpt_jax.cli", "train", "--n_layer=1000000", "--n_head=1",
                            "--n_embd=16", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
