@@ -3,12 +3,14 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 
 from . import bench, compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
 from .config import (BenchConfig, CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
+from .control import RunLock
 
 USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
 
@@ -79,6 +81,17 @@ def run_prepare(argv):
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: prepare knows {', '.join(known)}")
     if os.path.isfile(cfg.data_dir):
         raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give a folder to write {cfg.dataset}/ in")
+    folder = textdata.dataset_dir(cfg.data_dir, cfg.name) if cfg.dataset == "text" else Path(cfg.data_dir) / cfg.dataset
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file: prepare writes a folder there; move it or use another --data_dir")
+    lock = RunLock(folder, "prepare", "prepare into another --name or --data_dir", cfg.force_unlock)
+    try:
+        _prepare(cfg)
+    finally:
+        lock.release()
+
+
+def _prepare(cfg):
     if cfg.dataset == "text":
         info = textdata.prepare_text(cfg.input, cfg.name, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                      val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)

@@ -39,6 +39,7 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # if False, save only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume', or a GPT-2 name / HF folder
     checkpoint: str = "latest"  # init_from='resume' continues from 'latest', or from 'best' (e.g. latest is damaged)
+    force_unlock: bool = False  # take over out_dir/.lock that names a process no flock holds (another host's)
     # data
     dataset: str = "openwebtext"
     data_dir: str = "data"
@@ -247,6 +248,7 @@ class PrepareConfig:
     tokenizer: str = "gpt2"  # 'char', 'word', 'gpt2' or 'sentencepiece'
     vocab_size: int = 8192  # word and sentencepiece: every id, <unk> included
     val_fraction: float = 0.1  # the last val_fraction of the corpus's characters is the val split
+    force_unlock: bool = False  # take over DATA_DIR/NAME/.lock that names a process no flock holds (another host's)
 
     def __post_init__(self):
         _at_least(self, 1, "shard_size")

@@ -164,14 +164,19 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def dataset_dir(data_dir: str, name: str) -> Path:
+    """DATA_DIR/NAME, where `prepare text --name=NAME` writes; NAME must be one folder's name."""
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise DataError(f"prepare text needs --name=NAME, a folder name (got {name!r}): the dataset is written "
+                        "to DATA_DIR/NAME and trained with --dataset=NAME")
+    return Path(data_dir) / name
+
+
 def prepare_text(inputs, name: str, tokenizer: str = "gpt2", vocab_size: int = 8192, val_fraction: float = 0.1,
                  data_dir: str = "data", progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Tokenize text files into data_dir/name/{train,val}.bin (+ meta.json, tokenizer.model, stats.json);
     returns the counts. Memory holds a few chunks, the vocabulary and (sentencepiece) its training sample."""
-    if not name or name != Path(name).name or name in (".", ".."):
-        raise DataError(f"prepare text needs --name=NAME, a folder name (got {name!r}): the dataset is written "
-                        "to DATA_DIR/NAME and trained with --dataset=NAME")
-    out = Path(data_dir) / name
+    out = dataset_dir(data_dir, name)
     files = find_files(inputs)
     lengths, seen = scan(files, tokenizer, progress, chunk_bytes)
     n = sum(lengths)
