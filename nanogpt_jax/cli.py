@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from . import bench, compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
+from . import bench, compile_check, convert, corpora, data, evaluate, helptext, parallel, plot, sample, textdata, train
 from .config import (BenchConfig, CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse)
 from .control import RunLock
@@ -47,6 +47,7 @@ train, sample and eval keep compiled programs in ~/.cache/nanogpt-jax/xla (under
 second run does not compile them again; --no_compile_cache or NANOGPT_JAX_COMPILE_CACHE=0 turns that off, and
 NANOGPT_JAX_COMPILE_CACHE=DIR puts it elsewhere.
 """
+HELP = {"-h", "--help"}
 CACHED = ("train", "sample", "eval")  # compile and bench report compile times: they always compile
 
 
@@ -157,6 +158,8 @@ def run_bench(argv):
     print(json.dumps(bench.bench(options(BenchConfig, argv))))
 
 
+CONFIGS = {"prepare": PrepareConfig, "train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig,
+           "convert": ConvertConfig, "compile": CompileConfig}  # --help lists their options
 COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval,
             "convert": run_convert, "compile": run_compile, "bench": run_bench, "plot": plot.main}
 
@@ -167,9 +170,15 @@ def main(argv=None) -> int:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
+    if argv and argv[0] in HELP:
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
+    if HELP & set(argv[1:]):
+        print(helptext.command_help(argv[0], USAGE, CONFIGS.get(argv[0])), end="")
+        return 0
     parallel.quiet_libtpu()
     use_compile_cache(argv)
     if argv[0] != "train":  # train may join several processes first
