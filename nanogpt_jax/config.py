@@ -96,8 +96,10 @@ class TrainConfig:
     def __post_init__(self):
         _at_least(self, 1, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                   "batch_size", "block_size", "n_layer", "n_head", "n_embd")
-        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "process_id")
+        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "lr_decay_iters",
+                  "process_id")
         _at_least(self, 1, "fsdp", "num_processes")
+        _seed(self)
         if self.checkpoint not in ("latest", "best"):
             raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
         if isinstance(self.remat, bool):
@@ -205,6 +207,7 @@ class SampleConfig(LoadConfig):
         if self.stop == "":
             raise ConfigError("--stop is empty: give the text a sample ends at (e.g. --stop='<|endoftext|>')")
         _at_least(self, 0, "max_new_tokens", "temperature")
+        _seed(self)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"--top_p={self.top_p}: must be in (0, 1]")
 
@@ -225,6 +228,7 @@ class EvalConfig(LoadConfig):
         super().__post_init__()
         _at_least(self, 1, "batch_size", "block_size")
         _at_least(self, 0, "eval_iters")
+        _seed(self)
         if self.split not in ("train", "val"):
             raise ConfigError(f"--split={self.split}: use one of train, val")
 
@@ -263,8 +267,14 @@ class PrepareConfig:
 def _at_least(cfg, low, *keys):
     for key in keys:
         value = getattr(cfg, key)
-        if value is not None and value < low:
+        if value is not None and not value >= low:  # also refuses NaN (a config file's float("nan"))
             raise ConfigError(f"--{key}={value}: must be at least {low}")
+
+
+def _seed(cfg):
+    # JAX keys use the seed's low 32 bits (x64 off): a larger seed would silently repeat a smaller one's run
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"--seed={cfg.seed}: must be in 0 .. {2**32 - 1:,}")
 
 
 # nanoGPT options that mean nothing here (or nothing to this command): accepted so that nanoGPT command lines
@@ -358,7 +368,7 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
     fills (prepare's dataset)."""
     values = {}
     repeated = {f.name for f in dataclasses.fields(cls) if _repeated(typing.get_type_hints(cls)[f.name])}
-    given = set()  # repeated options given on the command line: a second --key adds to the first
+    given = set()  # options given on the command line: a repeated one adds to the first, another replaces it
 
     def put(key, value, source):
         if key in IGNORED and key not in {f.name for f in dataclasses.fields(cls)}:
@@ -366,8 +376,13 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
                 notes.append(f"--{key} has no effect in nanogpt-jax: {IGNORED[key]}")
             return
         value = _check(cls, key, value, source)
-        if key in repeated and source == "command line":
-            value = (values[key] if key in given else ()) + value
+        if source == "command line" and key in given:
+            if key in repeated:
+                value = values[key] + value
+            elif notes is not None and value != values[key]:
+                notes.append(f"--{key} is given twice ({values[key]!r}, then {value!r}): the last, "
+                             f"{value!r}, is used")
+        if source == "command line":
             given.add(key)
         values[key] = value
 

@@ -144,6 +144,10 @@ def test_a_failed_prepare_or_train_leaves_no_folder(tmp_path, run_cli):
                              f"--out_dir={tmp_path / 'runs' / 'out'}")
     assert code == 2 and err.startswith("error: "), err
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "made").mkdir()  # a folder that was there before is kept, empty as it was
+    code, out, err = run_cli("train", "--dataset=nothing", f"--data_dir={tmp_path / 'data'}",
+                             f"--out_dir={tmp_path / 'made'}")
+    assert code == 2 and list(tmp_path.iterdir()) == [tmp_path / "made"] and not any((tmp_path / "made").iterdir())
 
 
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
