@@ -96,7 +96,10 @@ def _prepare(cfg):
     if cfg.dataset == "text":
         info = textdata.prepare_text(cfg.input, cfg.name, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                      val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
-        print(f"wrote {info['dir']} ({cfg.tokenizer}, {info['files']:,} file(s)): vocab size {info['vocab_size']:,}, "
+        # a file named twice, or reached again through a link, is read once
+        skipped = f", {info['duplicates']:,} duplicate(s) skipped" if info["duplicates"] else ""
+        print(f"wrote {info['dir']} ({cfg.tokenizer}, {info['files']:,} file(s){skipped}): "
+              f"vocab size {info['vocab_size']:,}, "
               f"train {info['train_tokens']:,} tokens ({info['train_chars']:,} characters), "
               f"val {info['val_tokens']:,} tokens ({info['val_chars']:,} characters)")
         return
