@@ -10,7 +10,7 @@ import numpy as np
 from etils import epath
 
 from . import data, mfu, parallel
-from .checkpoint import Checkpointer, RunRecord, refuse_existing_run
+from .checkpoint import Checkpointer, RunRecord, last_saved, refuse_existing_run
 from .config import ConfigError, TrainConfig, UserError, options_set
 from .control import RunLock, StopRequest
 from .load import crop, folder_meta, model_config, runtime, with_runtime
@@ -83,10 +83,12 @@ class NonFiniteLossError(UserError):
 
 def _refuse_nonfinite(cfg, iter_num: int, loss: float, what: str) -> None:
     if not math.isfinite(loss):
+        kept = last_saved(cfg.out_dir)
+        kept = ("no checkpoint had been saved" if kept is None else
+                f"the last good checkpoint in {cfg.out_dir} (iteration {kept}) is kept (nothing was saved after it)")
         raise NonFiniteLossError(
-            f"iteration {iter_num}: the {what} is {loss}; stopped, and the last good checkpoint in {cfg.out_dir} "
-            "is kept (nothing was saved after it). Lower --learning_rate, clip gradients (--grad_clip=1.0), or pass "
-            "--skip_nonfinite_steps=True to skip such steps")
+            f"iteration {iter_num}: the {what} is {loss}; stopped, and {kept}. Lower --learning_rate, clip gradients "
+            "(--grad_clip=1.0), or pass --skip_nonfinite_steps=True to skip such steps")
 
 
 def _refuse_other_architecture(cfg: TrainConfig, saved: GPTConfig) -> None:
