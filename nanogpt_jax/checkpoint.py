@@ -189,6 +189,14 @@ def refuse_existing_run(out_dir: str, what: str) -> None:
         raise CheckpointError(f"{out_dir} already holds a run's checkpoints: {what}")
 
 
+def last_saved(out_dir: str) -> int | None:
+    """The newest iteration out_dir's `latest` holds or is being saved (a save in flight is finished before
+    the run exits), from the folder names alone; None when there is none."""
+    root = epath.Path(out_dir) / "checkpoints" / "latest"
+    names = [p.name.split(".")[0] for p in root.glob("*")] if root.is_dir() else []
+    return max((int(n) for n in names if n.isdigit()), default=None)
+
+
 def run_path(out_dir: str) -> epath.Path:
     """out_dir as orbax wants it: absolute on a disk; a bucket path (gs://bucket/run) as it is."""
     path = epath.Path(out_dir)

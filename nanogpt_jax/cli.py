@@ -3,13 +3,15 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 
-from . import compile_check, convert, corpora, data, evaluate, parallel, plot, sample, textdata, train
+from . import compile_check, convert, corpora, data, evaluate, helptext, parallel, plot, sample, textdata, train
 from .checkpoint import quiet_orbax_failures
 from .config import (CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse, user_cache)
+from .control import RunLock
 
 USAGE = """usage: nanogpt-jax COMMAND [CONFIG.py ...] [--key=value | --key value ...]
 
@@ -48,6 +50,7 @@ train, sample and eval keep compiled programs in ~/.cache/nanogpt-jax/xla (under
 second run does not compile them again; --no_compile_cache or NANOGPT_JAX_COMPILE_CACHE=0 turns that off, and
 NANOGPT_JAX_COMPILE_CACHE=DIR puts it elsewhere.
 """
+HELP = {"-h", "--help"}
 CACHED = ("train", "sample", "eval")  # compile reports compile times: it always compiles
 
 
@@ -80,10 +83,24 @@ def run_prepare(argv):
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: prepare knows {', '.join(known)}")
     if os.path.isfile(cfg.data_dir):
         raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give a folder to write {cfg.dataset}/ in")
+    folder = textdata.dataset_dir(cfg.data_dir, cfg.name) if cfg.dataset == "text" else Path(cfg.data_dir) / cfg.dataset
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file: prepare writes a folder there; move it or use another --data_dir")
+    lock = RunLock(folder, "prepare", "prepare into another --name or --data_dir", cfg.force_unlock)
+    try:
+        _prepare(cfg)
+    finally:
+        lock.release()
+
+
+def _prepare(cfg):
     if cfg.dataset == "text":
         info = textdata.prepare_text(cfg.input, cfg.name, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                      val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
-        print(f"wrote {info['dir']} ({cfg.tokenizer}, {info['files']:,} file(s)): vocab size {info['vocab_size']:,}, "
+        # a file named twice, or reached again through a link, is read once
+        skipped = f", {info['duplicates']:,} duplicate(s) skipped" if info["duplicates"] else ""
+        print(f"wrote {info['dir']} ({cfg.tokenizer}, {info['files']:,} file(s){skipped}): "
+              f"vocab size {info['vocab_size']:,}, "
               f"train {info['train_tokens']:,} tokens ({info['train_chars']:,} characters), "
               f"val {info['val_tokens']:,} tokens ({info['val_chars']:,} characters)")
         return
@@ -146,6 +163,8 @@ def run_compile(argv):
     return 0
 
 
+CONFIGS = {"prepare": PrepareConfig, "train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig,
+           "convert": ConvertConfig, "compile": CompileConfig}  # --help lists their options
 COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval,
             "convert": run_convert, "compile": run_compile, "plot": plot.main}
 
@@ -156,9 +175,15 @@ def main(argv=None) -> int:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
+    if argv and argv[0] in HELP:
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
+    if HELP & set(argv[1:]):
+        print(helptext.command_help(argv[0], USAGE, CONFIGS.get(argv[0])), end="")
+        return 0
     parallel.quiet_libtpu()
     quiet_orbax_failures()  # a failed save or restore is one error line, not orbax's thread tracebacks
     use_compile_cache(argv)

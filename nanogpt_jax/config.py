@@ -38,47 +38,47 @@ REMAT = ("none", "full", "dots")  # model.REMAT_POLICIES' names
 @dataclasses.dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
-    eval_interval: int = 2000
-    log_interval: int = 1
-    eval_iters: int = 200
-    eval_only: bool = False
+    out_dir: str = "out"  # where checkpoints/, metrics.jsonl and the run lock go
+    eval_interval: int = 2000  # evaluate (and save) every this many iterations
+    log_interval: int = 1  # log loss, lr, time and MFU every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    eval_only: bool = False  # evaluate once where the run stands, then stop
     always_save_checkpoint: bool = True  # if False, save only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume', or a GPT-2 name / HF folder
     checkpoint: str = "latest"  # init_from='resume' continues from 'latest', or from 'best' (e.g. latest is damaged)
-    # HellaSwag's acc / acc_norm every this many iterations and at the last (0 = never; GPT-2 BPE models only),
-    # on --hellaswag_file or the validation set downloaded once into the user's cache
-    hellaswag_interval: int = 0
-    hellaswag_file: str | None = None
+    force_unlock: bool = False  # take over out_dir/.lock that names a process no flock holds (another host's)
+    # HellaSwag's acc / acc_norm (GPT-2 BPE models only)
+    hellaswag_interval: int = 0  # every this many iterations and at the last (0 = never)
+    hellaswag_file: str | None = None  # the jsonl to score (None: the validation set, downloaded once into the cache)
     profile: str | None = None  # START:STOP: a jax.profiler trace of iterations START..STOP-1 in out_dir/profile
     # data
-    dataset: str = "openwebtext"
-    data_dir: str = "data"
-    gradient_accumulation_steps: int = 40
-    batch_size: int = 12
-    block_size: int = 1024
+    dataset: str = "openwebtext"  # the prepared folder DATA_DIR/DATASET
+    data_dir: str = "data"  # the folder holding the prepared datasets
+    gradient_accumulation_steps: int = 40  # micro-batches of batch_size rows per update
+    batch_size: int = 12  # rows per micro-batch
+    block_size: int = 1024  # context length in tokens
     # rows per forward/backward pass (0 = batch_size): the step accumulates gradients over the pieces,
     # so the update is the same while activation memory shrinks; often faster on CPU too
     micro_batch_size: int = 0
     # model
     model: str = "gpt"  # 'gpt' or 'bigram'
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = False
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout rate, in [0, 1)
+    bias: bool = False  # biases in the Linear and LayerNorm layers (GPT-2 has them)
     # AdamW
-    learning_rate: float = 6e-4
-    max_iters: int = 600000
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # iterations in all
+    weight_decay: float = 1e-1  # AdamW decoupled weight decay (matrices and embeddings only)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
     # learning-rate schedule
-    decay_lr: bool = True
-    warmup_iters: int = 2000
-    lr_decay_iters: int = 600000
-    min_lr: float = 6e-5
+    decay_lr: bool = True  # warm up then cosine-decay the learning rate (False: constant)
+    warmup_iters: int = 2000  # linear warm-up iterations
+    lr_decay_iters: int = 600000  # the cosine reaches min_lr here (about max_iters)
+    min_lr: float = 6e-5  # the learning rate after the decay (about learning_rate / 10)
     # a step whose loss or gradient norm is NaN/inf leaves params and optimizer state as they were (counted in
     # the log); off, a NaN/inf loss stops the run, keeping the last checkpoint
     skip_nonfinite_steps: bool = False
@@ -96,21 +96,22 @@ class TrainConfig:
     parallel: str = "mesh"  # 'mesh' (jit over a device mesh) or 'pmap'
     # several processes (hosts): jax.distributed's own names; TPU pods, SLURM and Open MPI need none of them
     coordinator_address: str | None = None  # HOST:PORT of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
-    seed: int = 1337
+    num_processes: int | None = None  # processes in all
+    process_id: int | None = None  # this process's index, 0 .. num_processes - 1
+    seed: int = 1337  # seeds the initial weights, dropout and the batches (0 .. 2**32 - 1)
     # Weights & Biases (pip install 'nanogpt-jax[wandb]'; WANDB_MODE=offline works without an account)
-    wandb_log: bool = False
-    wandb_project: str = "owt"
-    wandb_run_name: str = "gpt2"
+    wandb_log: bool = False  # mirror metrics.jsonl to Weights & Biases
+    wandb_project: str = "owt"  # its project
+    wandb_run_name: str = "gpt2"  # its run name
 
     def __post_init__(self):
         _at_least(self, 1, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                   "batch_size", "block_size", "n_layer", "n_head", "n_embd")
-        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "process_id",
-                  "hellaswag_interval")
+        _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "lr_decay_iters",
+                  "process_id", "hellaswag_interval")
         profile_range(self.profile)
         _at_least(self, 1, "fsdp", "num_processes")
+        _seed(self)
         if self.checkpoint not in ("latest", "best"):
             raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
         if isinstance(self.remat, bool):
@@ -145,9 +146,9 @@ class CompileConfig(TrainConfig):
     what: str = "train"  # 'train' (the train step) or 'generate'
     json: bool = False  # also print the figures as one JSON object on the last line
     # generate: batch rows, prompt and new tokens per row
-    num_samples: int = 1
-    prompt_tokens: int = 1
-    max_new_tokens: int = 256
+    num_samples: int = 1  # batch rows
+    prompt_tokens: int = 1  # prompt tokens per row
+    max_new_tokens: int = 256  # new tokens per row
 
     def __post_init__(self):
         super().__post_init__()
@@ -162,9 +163,9 @@ class LoadConfig:
     """Where a command that loads a model finds it: a run's checkpoint or a GPT-2 name / HF folder."""
 
     init_from: str = "resume"  # 'resume' (the checkpoint in out_dir) or a GPT-2 name / HF folder
-    out_dir: str = "out"
+    out_dir: str = "out"  # the run whose checkpoint is loaded (init_from='resume')
     checkpoint: str = "latest"  # 'latest' or 'best'
-    dtype: str = "auto"
+    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16'; auto = float32 on CPU, bfloat16 elsewhere
 
     def __post_init__(self):
         if self.checkpoint not in ("latest", "best"):
@@ -175,11 +176,11 @@ class LoadConfig:
 class SampleConfig(LoadConfig):
     start: str = "\n"  # or "FILE:prompt.txt" (one prompt), "LINES:prompts.txt" (one per line, one batch)
     num_samples: int = 10  # per prompt
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
+    max_new_tokens: int = 500  # tokens sampled per sample
+    temperature: float = 0.8  # divides the logits; 0 = greedy
+    top_k: int | None = 200  # sample among the k likeliest tokens (None: all)
+    top_p: float | None = None  # sample among the likeliest tokens holding this much probability, in (0, 1]
+    seed: int = 1337  # seeds the sampling (0 .. 2**32 - 1)
     stop: str | None = None  # end a sample at this text (a one-token stop also ends decoding early)
     stream: bool | None = None  # print text as it is made; None: when one sample goes to a terminal
     fsdp: int = 1  # split the weights over this many of this machine's devices (a model larger than one)
@@ -191,6 +192,7 @@ class SampleConfig(LoadConfig):
         if self.stop == "":
             raise ConfigError("--stop is empty: give the text a sample ends at (e.g. --stop='<|endoftext|>')")
         _at_least(self, 0, "max_new_tokens", "temperature")
+        _seed(self)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"--top_p={self.top_p}: must be in (0, 1]")
 
@@ -204,7 +206,7 @@ class EvalConfig(LoadConfig):
     batch_size: int | None = None  # None: the run's batch_size (resume), else 12
     block_size: int | None = None  # None: the model's context length; smaller crops it
     eval_iters: int = 200  # random batches, as train's estimate; 0 = every non-overlapping window once
-    seed: int = 1337
+    seed: int = 1337  # seeds the random batches (0 .. 2**32 - 1)
     eval_only: bool = True  # accepted so that nanoGPT's eval configs run here too; eval never trains
     task: str = "loss"  # 'loss' (the options above) or 'hellaswag' (batch_size: examples per forward pass)
     hellaswag_file: str | None = None  # None: rowanz/hellaswag's hellaswag_val.jsonl, downloaded once
@@ -213,6 +215,7 @@ class EvalConfig(LoadConfig):
         super().__post_init__()
         _at_least(self, 1, "batch_size", "block_size")
         _at_least(self, 0, "eval_iters")
+        _seed(self)
         if self.split not in ("train", "val"):
             raise ConfigError(f"--split={self.split}: use one of train, val")
         if self.task not in ("loss", "hellaswag"):
@@ -232,14 +235,15 @@ class PrepareConfig:
     dataset: str = ""  # also the first bare word: nanogpt-jax prepare shakespeare_char
     # the text instead of the shipped copy; `prepare text`: files, folders or globs, --input repeated for several
     input: tuple[str, ...] = ()
-    data_dir: str = "data"
+    data_dir: str = "data"  # the folder the dataset folder is written in
     shard_size: int = 100_000_000  # fineweb_edu: tokens per llm.c shard
     num_proc: int = 0  # openwebtext, fineweb_edu: tokenizing threads (0 = one per CPU core)
     # prepare text: the dataset's folder name under data_dir, its tokenizer, its size (word, sentencepiece)
-    name: str = ""
+    name: str = ""  # the folder under data_dir, and the --dataset to train
     tokenizer: str = "gpt2"  # 'char', 'word', 'gpt2' or 'sentencepiece'
     vocab_size: int = 8192  # word and sentencepiece: every id, <unk> included
     val_fraction: float = 0.1  # the last val_fraction of the corpus's characters is the val split
+    force_unlock: bool = False  # take over DATA_DIR/NAME/.lock that names a process no flock holds (another host's)
 
     def __post_init__(self):
         _at_least(self, 1, "shard_size")
@@ -264,8 +268,14 @@ def profile_range(text: str | None) -> range | None:
 def _at_least(cfg, low, *keys):
     for key in keys:
         value = getattr(cfg, key)
-        if value is not None and value < low:
+        if value is not None and not value >= low:  # also refuses NaN (a config file's float("nan"))
             raise ConfigError(f"--{key}={value}: must be at least {low}")
+
+
+def _seed(cfg):
+    # JAX keys use the seed's low 32 bits (x64 off): a larger seed would silently repeat a smaller one's run
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"--seed={cfg.seed}: must be in 0 .. {2**32 - 1:,}")
 
 
 # nanoGPT options that mean nothing here (or nothing to this command): accepted so that nanoGPT command lines
@@ -359,7 +369,7 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
     fills (prepare's dataset)."""
     values = {}
     repeated = {f.name for f in dataclasses.fields(cls) if _repeated(typing.get_type_hints(cls)[f.name])}
-    given = set()  # repeated options given on the command line: a second --key adds to the first
+    given = set()  # options given on the command line: a repeated one adds to the first, another replaces it
 
     def put(key, value, source):
         if key in IGNORED and key not in {f.name for f in dataclasses.fields(cls)}:
@@ -367,8 +377,13 @@ def parse(cls, argv: list[str], notes: list[str] | None = None, positional: str 
                 notes.append(f"--{key} has no effect in nanogpt-jax: {IGNORED[key]}")
             return
         value = _check(cls, key, value, source)
-        if key in repeated and source == "command line":
-            value = (values[key] if key in given else ()) + value
+        if source == "command line" and key in given:
+            if key in repeated:
+                value = values[key] + value
+            elif notes is not None and value != values[key]:
+                notes.append(f"--{key} is given twice ({values[key]!r}, then {value!r}): the last, "
+                             f"{value!r}, is used")
+        if source == "command line":
             given.add(key)
         values[key] = value
 

@@ -1,6 +1,6 @@
 """A model from any source, ready to run: a run's checkpoint or released GPT-2 weights, with the options
 that belong to this machine and this command (compute dtype, dropout, attention kernel, remat) applied.
-`sample`, `eval`, `convert`, `train` and `bench` all get their GPTConfig and params from here."""
+`sample`, `eval`, `convert` and `train` all get their GPTConfig and params from here."""
 
 import dataclasses
 from pathlib import Path

@@ -6,7 +6,7 @@ loss gone NaN or inf stops the run before anything is saved after it.
 
 import math
 
-from .checkpoint import Checkpointer, RunRecord
+from .checkpoint import Checkpointer, RunRecord, last_saved
 from .config import UserError
 
 
@@ -16,10 +16,12 @@ class NonFiniteLossError(UserError):
 
 def refuse_nonfinite(cfg, iter_num: int, loss: float, what: str) -> None:
     if not math.isfinite(loss):
+        kept = last_saved(cfg.out_dir)
+        kept = ("no checkpoint had been saved" if kept is None else
+                f"the last good checkpoint in {cfg.out_dir} (iteration {kept}) is kept (nothing was saved after it)")
         raise NonFiniteLossError(
-            f"iteration {iter_num}: the {what} is {loss}; stopped, and the last good checkpoint in {cfg.out_dir} "
-            "is kept (nothing was saved after it). Lower --learning_rate, clip gradients (--grad_clip=1.0), or pass "
-            "--skip_nonfinite_steps=True to skip such steps")
+            f"iteration {iter_num}: the {what} is {loss}; stopped, and {kept}. Lower --learning_rate, clip gradients "
+            "(--grad_clip=1.0), or pass --skip_nonfinite_steps=True to skip such steps")
 
 
 def evaluate_and_save(run, ckpt: Checkpointer, state, rng, progress, start_iter: int, metrics, log) -> dict:

@@ -17,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,30 +34,90 @@ BATCH_PER_THREAD = 4
 GLOB_CHARS = set("*?[")
 
 
-def find_files(inputs) -> list[Path]:
-    """The documents: each input is a file, a folder (its files, recursively, sorted; hidden ones skipped)
-    or a glob (its matches, sorted); a file named twice is read once."""
+def find_files(inputs) -> tuple[list[Path], int]:
+    """The documents, and how many names of a file already taken were skipped. Each input is a file, a folder
+    (its files, recursively, sorted; hidden ones skipped) or a glob (its matches, sorted; `**` any depth).
+    Symbolic links are followed, each real folder entered once (a link loop ends there) and each real file
+    read once, however many names lead to it."""
     if not inputs:
         raise DataError("prepare text needs --input=PATH (a file, folder or glob; repeat --input for several)")
-    files = []
+    files, seen, duplicates = [], set(), 0
     for spec in inputs:
+        path = os.path.expanduser(spec)
         if GLOB_CHARS & set(spec):
-            matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-            found = [p for p in matched if p.is_file()]
-            what = "matches no file"
-        elif os.path.isdir(os.path.expanduser(spec)):
-            found = sorted(p for p in Path(os.path.expanduser(spec)).rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(
-                               os.path.expanduser(spec)).parts))
-            what = "is a folder without files"
-        elif os.path.exists(os.path.expanduser(spec)):
-            found = [Path(os.path.expanduser(spec))]
+            found, what = _glob(path), "matches no file"
+        elif os.path.isdir(path):
+            found, what = sorted(_walk(Path(path))), "is a folder without files"
+        elif os.path.exists(path):
+            found = [Path(path)]
         else:
             raise DataError(f"--input={spec}: no such file or folder")
         if not found:
             raise DataError(f"--input={spec} {what}")
-        files += found
-    return list(dict.fromkeys(files))
+        for file in found:
+            real = os.path.realpath(file)
+            duplicates += real in seen
+            if real not in seen:
+                seen.add(real)
+                files.append(file)
+    return files, duplicates
+
+
+def _walk(root: Path):
+    """The files under root, not hidden, following links to folders but entering each real folder once."""
+    stack, entered = [root], set()
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in entered:
+            continue
+        entered.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise DataError(f"{folder}: cannot read it ({e.strerror or e})") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                stack.append(folder / entry.name)
+            elif entry.is_file():
+                yield folder / entry.name
+
+
+def _glob(pattern: str) -> list[Path]:
+    """glob's matches (files only), sorted. A `**` pattern walks the folder before its first wildcard with
+    _walk, which cannot loop, where glob's own `**` follows a link loop until the path is too long."""
+    if "**" not in pattern:
+        return sorted(p for p in map(Path, glob.glob(pattern)) if p.is_file())
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    regex = "".join("(?:[^/]+/)*" if part == "**" else _component_regex(part) + "/" for part in parts[fixed:])
+    regex = re.compile(regex[:-1] if regex.endswith("/") else regex + "[^/]+")  # a last `**`: every file below
+    if not root.is_dir():
+        return []
+    return sorted(p for p in _walk(root) if regex.fullmatch(p.relative_to(root).as_posix()))
+
+
+def _component_regex(part: str) -> str:
+    """One path component of a glob (not `**`) as a regex: `*` and `?` within a name, [...] a class."""
+    out, i = "", 0
+    while i < len(part):
+        c = part[i]
+        close = part.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif close > 0:
+            body = part[i + 1:close]
+            out += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+            i = close
+        else:
+            out += re.escape(c)
+        i += 1
+    return out
 
 
 def cut_point(text: str) -> int:
@@ -164,15 +225,20 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def dataset_dir(data_dir: str, name: str) -> Path:
+    """DATA_DIR/NAME, where `prepare text --name=NAME` writes; NAME must be one folder's name."""
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise DataError(f"prepare text needs --name=NAME, a folder name (got {name!r}): the dataset is written "
+                        "to DATA_DIR/NAME and trained with --dataset=NAME")
+    return Path(data_dir) / name
+
+
 def prepare_text(inputs, name: str, tokenizer: str = "gpt2", vocab_size: int = 8192, val_fraction: float = 0.1,
                  data_dir: str = "data", progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Tokenize text files into data_dir/name/{train,val}.bin (+ meta.json, tokenizer.model, stats.json);
     returns the counts. Memory holds a few chunks, the vocabulary and (sentencepiece) its training sample."""
-    if not name or name != Path(name).name or name in (".", ".."):
-        raise DataError(f"prepare text needs --name=NAME, a folder name (got {name!r}): the dataset is written "
-                        "to DATA_DIR/NAME and trained with --dataset=NAME")
-    out = Path(data_dir) / name
-    files = find_files(inputs)
+    out = dataset_dir(data_dir, name)
+    files, duplicates = find_files(inputs)
     lengths, seen = scan(files, tokenizer, progress, chunk_bytes)
     n = sum(lengths)
     if n < 2:
@@ -221,7 +287,7 @@ def prepare_text(inputs, name: str, tokenizer: str = "gpt2", vocab_size: int = 8
         if meta is not None:
             (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
         data.write_stats(tmp, counts)
-    return {"dir": str(out), "files": len(files), "vocab_size": tok.vocab_size,
+    return {"dir": str(out), "files": len(files), "duplicates": duplicates, "vocab_size": tok.vocab_size,
             **{f"{split}_{k}": v for split, c in counts.items() for k, v in c.items()}}
 
 

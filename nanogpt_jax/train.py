@@ -26,9 +26,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if Path(cfg.data_dir).is_file():
         raise ConfigError(f"--data_dir={cfg.data_dir} is a file: give the folder holding {cfg.dataset}/")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         # A bucket has no exclusive create: two runs into one gs:// out_dir are not detected.
-        lock = RunLock(Path(out_dir)) if jax.process_index() == 0 and not on_object_store(out_dir) else None
+        lock = (RunLock(Path(out_dir), force=cfg.force_unlock)
+                if jax.process_index() == 0 and not on_object_store(out_dir) else None)
+        out_dir.mkdir(parents=True, exist_ok=True)  # the lock made it, except on other processes and buckets
     except OSError as e:  # read-only or not ours: before anything is trained
         raise ConfigError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror}); give a folder you can "
                           "write to") from e

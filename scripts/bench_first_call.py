@@ -1,4 +1,4 @@
-"""GPT-2 124M's first `generate` call in a fresh process (issue 19): a greedy call (prompt 32, 8 new tokens),
+"""GPT-2 124M's first `generate` call in a fresh process: a greedy call (prompt 32, 8 new tokens),
 then the same call again; their difference is about the compile time.
 
     python scripts/bench_first_call.py True|False   # scan_layers

@@ -1,4 +1,4 @@
-"""The floors under issue 7's GPT-2 124M CPU targets: how fast this machine runs, in XLA (as nanogpt-jax's
+"""The floors under GPT-2 124M's CPU speed: how fast this machine runs, in XLA (as nanogpt-jax's
 step and generate do) and in torch, the dense products those steps are made of, and nothing else.
 
     python scripts/bench_floor.py [--rounds=7]

@@ -1,4 +1,4 @@
-"""Prompts of different lengths in one `generate` call against one call per prompt (issue 19): GPT-2 124M's
+"""Prompts of different lengths in one `generate` call against one call per prompt: GPT-2 124M's
 shape, random weights, greedy, 8 prompts of 5 to 60 tokens, N new tokens each.
 
     python scripts/bench_ragged.py [--new_tokens=64] [--rounds=3] [--scan_layers]

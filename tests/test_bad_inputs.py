@@ -3,17 +3,19 @@ not a GPT-2 config or disagrees with its tensors (found from the header, before 
 or integer weights, an export over another model's folder; a non-UTF-8 --start file, a --data_dir that is a
 file, an out_dir that cannot be written."""
 
+import dataclasses
 import errno
 import json
 import os
 import shutil
+import typing
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from conftest import assert_one_error_line
-from nanogpt_jax import pretrained
+from nanogpt_jax import config, pretrained
 from nanogpt_jax.pretrained import PretrainedError, from_pretrained
 
 
@@ -140,3 +142,56 @@ def test_an_out_dir_that_cannot_be_written(char_data, tmp_path, run_cli, monkeyp
     code, out, err = run_cli("train", f"--data_dir={data_dir}", "--dataset=shakespeare_char", f"--out_dir={tmp_path}")
     assert_one_error_line(code, out, err, f"--out_dir={tmp_path}: cannot write there (Read-only file system)")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- every numeric option
+
+SWEPT = {"prepare": config.PrepareConfig, "train": config.TrainConfig, "sample": config.SampleConfig,
+         "eval": config.EvalConfig, "compile": config.CompileConfig}  # convert has no numeric option
+# options where 0 means something (documented beside the field); 0 is refused for every other one
+ZERO_OK = {"micro_batch_size", "num_devices", "max_iters", "eval_iters", "warmup_iters", "lr_decay_iters", "dropout",
+           "learning_rate", "weight_decay", "grad_clip", "beta1", "beta2", "min_lr", "process_id", "seed", "num_proc",
+           "max_new_tokens", "temperature", "hellaswag_interval"}
+
+
+def _numeric(cls):
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls)
+            if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))]
+
+
+@pytest.mark.parametrize("command, key", [(c, k) for c, cls in SWEPT.items() for k in _numeric(cls)])
+def test_every_numeric_option_set_to_a_bad_value_is_one_line_and_writes_nothing(command, key, tmp_path, run_cli,
+                                                                               monkeypatch):
+    """Negative, zero (where 0 means nothing), NaN (from a config file: the command line has no NaN literal)
+    and empty: one `error:` line naming the option, exit 2, nothing created where the command writes
+    (out_dir and data_dir are relative to the scratch folder)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nan.py").write_text(f"{key} = float('nan')\n")
+    first = ("text",) if command == "prepare" else ()
+    cases = [(f"--{key}=-1",), (f"--{key}=",), ("nan.py",)] + ([] if key in ZERO_OK else [(f"--{key}=0",)])
+    for args in cases:
+        code, out, err = run_cli(command, *first, *args)
+        assert_one_error_line(code, out, err, f"--{key}")
+        assert [p.name for p in tmp_path.iterdir()] == ["nan.py"], (args, err)
+
+
+def test_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, run_cli, monkeypatch):
+    """JAX keys take a seed's low 32 bits: 2**32 would repeat seed 0's run."""
+    monkeypatch.chdir(tmp_path)
+    for command in ("train", "sample", "eval"):
+        for seed in (-1, 2**32):
+            code, out, err = run_cli(command, f"--seed={seed}")
+            assert_one_error_line(code, out, err, f"--seed={seed}: must be in 0 .. 4,294,967,295")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_option_given_twice_names_both_values(tmp_path, run_cli):
+    """The last wins, as in nanoGPT; a note says so (an option set in a config file and then on the command
+    line is an override, not a repetition)."""
+    (tmp_path / "cfg.py").write_text("num_samples = 3\n")
+    code, out, err = run_cli("sample", str(tmp_path / "cfg.py"), "--num_samples=4", "--top_k=-1", "--top_k=5",
+                             "--temperature=0.5", "--temperature=0.5", f"--out_dir={tmp_path / 'none'}")
+    assert code == 2 and err.splitlines() == [
+        "--top_k is given twice (-1, then 5): the last, 5, is used",
+        f"error: no checkpoints in {tmp_path / 'none'}: train first, or check --out_dir"], err

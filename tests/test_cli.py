@@ -112,8 +112,8 @@ def test_sample_start_file_missing(workdir):
 def test_usage(tmp_path):
     proc = cli(cwd=tmp_path)
     assert proc.returncode != 0 and "usage: nanogpt-jax" in proc.stderr
-    proc = cli("--help", cwd=tmp_path)
-    assert proc.returncode == 0 and "usage: nanogpt-jax" in proc.stderr
+    proc = cli("--help", cwd=tmp_path)  # asked for: on stdout
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: nanogpt-jax") and proc.stderr == ""
 
 
 @pytest.mark.slow
@@ -197,3 +197,46 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, run_cli, monkeypatc
     monkeypatch.setenv("NANOGPT_JAX_DEBUG", "1")
     with pytest.raises(ConfigError, match="ZeroDivisionError"):
         run_cli("train", str(bad))
+
+
+HELPED = {"prepare": "PrepareConfig", "train": "TrainConfig", "sample": "SampleConfig", "eval": "EvalConfig",
+          "convert": "ConvertConfig", "compile": "CompileConfig"}
+
+
+@pytest.mark.parametrize("command", sorted(HELPED))
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_has_help_listing_each_option_with_its_default_and_meaning(command, flag, run_cli):
+    """On stdout, exit 0: the usage, then one entry per field of the command's config, in order, each with its
+    type and a meaning (the comment beside the field in config.py)."""
+    import dataclasses
+    import re
+
+    from nanogpt_jax import config
+
+    code, out, err = run_cli(command, flag)
+    assert code == 0 and err == "", err
+    assert out.startswith(f"usage: nanogpt-jax {command} [CONFIG.py ...]") and f"\n  {command} " in out
+    entries = re.findall(r"^  (--\w+)=(\S+)\s+([^\n]*(?:\n {36}[^\n]*)*)", out, re.M)
+    cls = getattr(config, HELPED[command])
+    assert [name for name, _, _ in entries] == [f"--{f.name}" for f in dataclasses.fields(cls)]
+    for name, _, text in entries:
+        assert re.match(r"(str|int|float|bool)[^:]*: \S", text), (name, text)
+
+
+def test_help_shows_defaults_and_meanings(run_cli):
+    out = run_cli("train", "--help")[1]
+    assert "\n  --learning_rate=0.0006            float: peak learning rate\n" in out
+    assert "\n  --init_from=scratch               str: 'scratch', 'resume', or a GPT-2 name / HF folder\n" in out
+    assert "\n AdamW\n" in out  # the comment heading a group of fields
+    out = run_cli("sample", "-h")[1]
+    assert "\n  --start='\\n'                      str: or \"FILE:prompt.txt\"" in out
+    assert "\n  --top_k=200                       int | None: " in out
+
+
+def test_the_command_list_is_the_help_of_nanogpt_jax(run_cli):
+    for flag in ("--help", "-h"):
+        code, out, err = run_cli(flag)
+        assert code == 0 and err == "" and out.startswith("usage: nanogpt-jax COMMAND"), err
+        assert all(f"\n  {command} " in out for command in (*HELPED, "plot"))
+    code, out, err = run_cli("plot", "--help")
+    assert code == 0 and out.startswith("usage:\n  plot OUT_DIR [OUT_DIR ...] [--output=loss.png]"), out

@@ -201,7 +201,8 @@ def test_eval_hellaswag_errors_are_one_line(args, fragments, hf_bpe, hf_small, v
     (chars / "meta.json").write_text(json.dumps({"vocab_size": 2, "itos": ["a", "b"]}))
     args = [a.replace("SMALL", str(hf_small[1])).replace("CHARS", str(chars)).replace("VAL", str(val_file))
             for a in args]
-    code, out, err = run_cli("eval", "--task=hellaswag", f"--init_from={hf_bpe[1]}", *args)
+    model = [] if any(a.startswith("--init_from=") for a in args) else [f"--init_from={hf_bpe[1]}"]
+    code, out, err = run_cli("eval", "--task=hellaswag", *model, *args)
     assert_one_error_line(code, out, err, *[f.replace("URL", url) for f in fragments])
 
 

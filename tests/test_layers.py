@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanogpt_jax"
 # Lowest first. A module may import from the layers before its own, never from its own or a later one.
 LAYERS = [
     {"config", "kernels"},
-    {"model"},
+    {"model", "helptext"},
     {"assets", "tracking", "memory"},
     {"tokenizers"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},

@@ -20,7 +20,7 @@ import tiktoken
 from conftest import REPO, assert_one_error_line
 from nanogpt_jax.config import ConfigError, PrepareConfig, parse
 from nanogpt_jax.data import load_meta, prepare
-from nanogpt_jax.textdata import cut_point, prepare_text, read_chunks
+from nanogpt_jax.textdata import cut_point, find_files, prepare_text, read_chunks
 from nanogpt_jax.tokenizers import UNK, Tokenizer, words
 
 # unicode that spans several bytes (so that reads of a few bytes cut characters), runs of spaces and lines
@@ -297,3 +297,47 @@ def test_read_chunks_names_the_byte_offset_and_keeps_split_characters(tmp_path):
     path.write_text(text, encoding="utf-8")
     assert "".join(t for t, _ in read_chunks(path, 5)) == text
     assert sum(n for _, n in read_chunks(path, 5)) == path.stat().st_size
+
+
+def _looped_tree(tmp_path):
+    """DIR with a.txt, sub/b.txt and sub/c.md, a link to itself, two links that loop between two folders, a
+    second name of a.txt and a link to a file outside (read, once)."""
+    root = tmp_path / "dir"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("first document\n")
+    (root / "sub" / "b.txt").write_text("second document\n")
+    (root / "sub" / "c.md").write_text("third document\n")
+    (tmp_path / "outside.txt").write_text("fourth document\n")
+    (root / "self").symlink_to(root)
+    (root / "sub" / "up").symlink_to(root)
+    (root / "sub" / "loop").symlink_to(root / "sub")
+    (root / "also_a.txt").symlink_to(root / "a.txt")
+    (root / "sub" / "out.txt").symlink_to(tmp_path / "outside.txt")
+    return root
+
+
+@pytest.mark.parametrize("spec, expected, duplicates", [
+    ("{root}/**/*.txt", ["a.txt", "sub/b.txt", "sub/out.txt"], 1),  # also_a.txt is a second name of a.txt
+    ("{root}", ["a.txt", "sub/b.txt", "sub/c.md", "sub/out.txt"], 1),
+    ("{root}/**", ["a.txt", "sub/b.txt", "sub/c.md", "sub/out.txt"], 1),
+    ("{root}/s*/*.md", ["sub/c.md"], 0),
+    ("{root}/**/[bc].*", ["sub/b.txt", "sub/c.md"], 0),
+])
+def test_file_discovery_follows_links_but_reads_each_real_file_once(tmp_path, spec, expected, duplicates):
+    """Folders and `**` globs with a link to themselves and a loop of two links: each real folder is entered
+    once (glob's own `**` walked such a tree for minutes), each real file read once, the names skipped counted."""
+    root = _looped_tree(tmp_path)
+    files, skipped = find_files([spec.format(root=root)])
+    assert [p.relative_to(root).as_posix() for p in files] == expected
+    assert skipped == duplicates
+
+
+def test_prepare_says_how_many_duplicates_it_skipped(tmp_path, run_cli):
+    root = _looped_tree(tmp_path)
+    code, out, err = run_cli("prepare", "text", f"--input={root}/**/*.txt", f"--input={root / 'a.txt'}",
+                             "--name=looped", f"--data_dir={tmp_path / 'data'}", "--tokenizer=char")
+    assert code == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'data' / 'looped'} (char, 3 file(s), 2 duplicate(s) skipped): "), out
+    text = "first document\nsecond document\nfourth document\n"
+    assert json.loads((tmp_path / "data" / "looped" / "stats.json").read_text())["train"]["chars"] == int(
+        len(text) * 0.9)

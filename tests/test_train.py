@@ -374,10 +374,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, 
         train(cfg, log=quiet)
     bad = [m["iter"] for m in read_metrics(tmp_path) if "loss" in m and not math.isfinite(m["loss"])]
     assert len(bad) == 1 and f"iteration {bad[0]}: the loss is nan" in str(e.value)
-    assert "last good checkpoint" in str(e.value) and "\n" not in str(e.value)
+    assert f"last good checkpoint in {tmp_path} (iteration {bad[0]}) is kept" in str(e.value)
+    assert "\n" not in str(e.value)
     # evaluated and saved every iteration up to the bad one, and nothing after it
     assert load_run(str(tmp_path))[2].iter_num == bad[0]  # the state before the bad step
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(load_checkpoint(str(tmp_path))[1]))
+
+
+@pytest.mark.slow
+def test_nan_loss_before_any_checkpoint_says_none_was_saved(char_data, tmp_path, monkeypatch):
+    """NaN from the first step: no checkpoint to keep, and the message does not claim one."""
+    import jax.numpy as jnp
+
+    from nanogpt_jax import program as program_module
+    from nanogpt_jax.train import NonFiniteLossError
+
+    data_dir, _ = char_data
+    original = program_module.accumulate_grads
+    monkeypatch.setattr(program_module, "accumulate_grads", lambda params, batch, key, *, model: jax.tree.map(
+        lambda x: x * jnp.nan, original(params, batch, key, model=model)))
+    with pytest.raises(NonFiniteLossError) as e:
+        train(tiny_cfg(data_dir, tmp_path, n_layer=1, eval_interval=5, max_iters=10), log=quiet)
+    assert str(e.value).startswith("iteration 0: the loss is nan; stopped, and no checkpoint had been saved. ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no empty checkpoint folders
 
 
 @pytest.mark.slow
