@@ -119,7 +119,8 @@ def _prepare(cfg):
 
 def run_train(argv):
     cfg = options(TrainConfig, argv)
-    parallel.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    parallel.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id, cfg.initialization_timeout,
+                   cfg.heartbeat_timeout_seconds)
     result = train.train(cfg, log=print if jax.process_index() == 0 else lambda *_: None)  # process 0 speaks
     return 130 if result["stopped_by"] == "SIGINT" else 0  # SIGTERM (a scheduler's stop) is a clean exit
 

@@ -98,6 +98,8 @@ class TrainConfig:
     coordinator_address: str | None = None  # HOST:PORT of process 0
     num_processes: int | None = None  # processes in all
     process_id: int | None = None  # this process's index, 0 .. num_processes - 1
+    initialization_timeout: int = 300  # seconds to wait for every process to join; then one error line, exit 2
+    heartbeat_timeout_seconds: int = 100  # a process silent this long is taken for dead: the others stop, exit 2
     seed: int = 1337  # seeds the initial weights, dropout and the batches (0 .. 2**32 - 1)
     # Weights & Biases (pip install 'nanogpt-jax[wandb]'; WANDB_MODE=offline works without an account)
     wandb_log: bool = False  # mirror metrics.jsonl to Weights & Biases
@@ -110,7 +112,7 @@ class TrainConfig:
         _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "lr_decay_iters",
                   "process_id", "hellaswag_interval")
         profile_range(self.profile)
-        _at_least(self, 1, "fsdp", "num_processes")
+        _at_least(self, 1, "fsdp", "num_processes", "initialization_timeout", "heartbeat_timeout_seconds")
         _seed(self)
         if self.checkpoint not in ("latest", "best"):
             raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from . import peers
 from .config import ConfigError
 
 BATCH = ("data", "fsdp")  # a micro-batch's rows are split over both axes: every device of the mesh
@@ -68,11 +69,13 @@ def _cluster_launched() -> bool:
 
 
 def start(coordinator_address: str | None = None, num_processes: int | None = None,
-          process_id: int | None = None) -> None:
+          process_id: int | None = None, initialization_timeout: int = 300,
+          heartbeat_timeout_seconds: int = 100) -> None:
     """Before any JAX computation: join a multi-process run (explicit coordinator, or found by JAX's
-    cluster detection), or alone on this host, expose one CPU device per core."""
+    cluster detection; a peer missing at start or gone later ends it in one line, see peers.py), or alone
+    on this host, expose one CPU device per core."""
     if coordinator_address is not None or _cluster_launched():
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        peers.join(coordinator_address, num_processes, process_id, initialization_timeout, heartbeat_timeout_seconds)
     else:
         use_all_cpu_cores()
 
