@@ -239,3 +239,58 @@ def test_fsdp_rule_splits_matrices_along_a_divisible_dimension():
     assert leaf_spec((32, 128), 4) == P(None, "fsdp")  # the larger dimension
     assert leaf_spec((65, 32), 4) == P(None, "fsdp")  # 65 is not divisible by 4
     assert leaf_spec((30, 6), 4) == P() and leaf_spec((128,), 4) == P() and leaf_spec((32, 128), 1) == P()
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_a_process_whose_peer_never_joins_ends_in_one_line(tmp_path, char_data):
+    """Process 0 with no process 1, and a process 1 with no process 0 (on another port), each waiting 10 s:
+    each says at start what it waits for, then ends with one line naming who is missing, exit 2, and writes
+    nothing. The 120 s bound is 10 s plus start-up on a loaded 2-core machine; without the watchdog JAX
+    waits its own 300 s and aborts."""
+    data_dir, _ = char_data
+    procs = [run(["train", *TINY, f"--data_dir={data_dir}", f"--out_dir=out{i}", f"--process_id={i}",
+                  f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
+                  "--initialization_timeout=10"], tmp_path, devices=2) for i in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert "waiting up to 10 s for 2 processes at localhost:" in errs[0]
+    assert "process 1 of 2: joining the run at localhost:" in errs[1]
+    assert [len(error_lines(e)) for e in errs] == [1, 1], errs
+    assert "process 1 did not join the run" in error_lines(errs[0])[0]
+    assert "nothing answered" in error_lines(errs[1])[0] and "process 0 (the coordinator)" in errs[1]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_peer_killed_mid_run_ends_the_other_in_one_line(victim, tmp_path, char_data):
+    """SIGKILL one of two training processes after 3 steps. Process 1 killed: process 0 sees no heartbeat for
+    --heartbeat_timeout_seconds=20 and exits 2 with one line naming it. Process 0 (the coordinator) killed:
+    JAX aborts process 1 at once (its own fatal line and a C++ stack), and its watcher adds one line after
+    them. The 120 s bound is 20 s plus room for a loaded machine; without the watchdog JAX's abort takes
+    50-100 s."""
+    data_dir, _ = char_data
+    port = free_port()
+    procs = [run(["train", *TINY, f"--data_dir={data_dir}", "--out_dir=multi", "--max_iters=100000",
+                  "--eval_interval=100000", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  f"--process_id={i}", "--heartbeat_timeout_seconds=20"], tmp_path, devices=2) for i in range(2)]
+    metrics = tmp_path / "multi" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        time.sleep(0.2)
+    procs[victim].kill()
+    survivor = procs[1 - victim]
+    err = survivor.communicate(timeout=120)[1]
+    procs[victim].communicate()
+    assert len(error_lines(err)) == 1, err[-3000:]
+    if victim == 1:
+        assert survivor.returncode == 2, err[-3000:]
+        assert "process 1 of 2 sent no heartbeat for 20 s" in error_lines(err)[0]
+    else:
+        assert survivor.returncode == -signal.SIGABRT, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("error: process 1 of 2: the coordinator (process 0 at ")
