@@ -112,7 +112,8 @@ class TrainConfig:
         _at_least(self, 0, "max_iters", "micro_batch_size", "num_devices", "warmup_iters", "lr_decay_iters",
                   "process_id", "hellaswag_interval")
         profile_range(self.profile)
-        _at_least(self, 1, "fsdp", "num_processes", "initialization_timeout", "heartbeat_timeout_seconds")
+        _at_least(self, 1, "fsdp", "num_processes")
+        _timeouts(self)
         _seed(self)
         if self.checkpoint not in ("latest", "best"):
             raise ConfigError(f"--checkpoint={self.checkpoint}: use latest or best")
@@ -278,6 +279,13 @@ def _seed(cfg):
     # JAX keys use the seed's low 32 bits (x64 off): a larger seed would silently repeat a smaller one's run
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"--seed={cfg.seed}: must be in 0 .. {2**32 - 1:,}")
+
+
+def _timeouts(cfg):
+    # JAX passes them to C++ as 32-bit ints (the heartbeat doubled, plus a margin): keep far below that
+    for key in ("initialization_timeout", "heartbeat_timeout_seconds"):
+        if not 1 <= getattr(cfg, key) <= 10**6:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be in 1 .. 1,000,000 seconds")
 
 
 # nanoGPT options that mean nothing here (or nothing to this command): accepted so that nanoGPT command lines

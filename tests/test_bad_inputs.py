@@ -186,6 +186,15 @@ def test_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, run_c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_multi_process_timeout_past_a_million_seconds_is_refused(tmp_path, run_cli, monkeypatch):
+    """JAX passes them to C++ as 32-bit ints (the heartbeat doubled): a huge value must not reach it."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("initialization_timeout", "heartbeat_timeout_seconds"):
+        code, out, err = run_cli("train", f"--{key}={10**6 + 1}", "--coordinator_address=localhost:1")
+        assert_one_error_line(code, out, err, f"--{key}={10**6 + 1}: must be in 1 .. 1,000,000 seconds")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_option_given_twice_names_both_values(tmp_path, run_cli):
     """The last wins, as in nanoGPT; a note says so (an option set in a config file and then on the command
     line is an override, not a repetition)."""
