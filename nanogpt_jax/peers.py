@@ -21,6 +21,7 @@ import threading
 import time
 
 import jax
+from jax._src import distributed  # JAX has no public handle on its key-value store (orbax reads it so)
 
 BEAT = 1.0  # seconds between our heartbeats
 PREFIX = "nanogpt_jax/alive/"
@@ -117,7 +118,6 @@ def watch(me: int, n: int, timeout: int, address: str) -> None:
     store and read the others'. A peer whose count has not moved for `timeout` seconds, or a coordinator that
     stops answering, ends this process with one line. At exit the beat goes on, unchecked: JAX's shutdown
     holds every process at a barrier until all arrive, so a peer still at work is not taken for dead."""
-    from jax._src import distributed  # JAX has no public handle on its key-value store (orbax reads it so)
     client, exiting = distributed.global_state.client, threading.Event()
     atexit.register(exiting.set)  # runs before JAX's own shutdown, registered when jax was imported
     threading.Thread(target=_beat, args=(client, me, n, timeout, address, exiting), daemon=True).start()

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanogpt_jax"
 LAYERS = [
     {"config", "kernels"},
     {"model", "helptext"},
-    {"assets", "tracking", "memory"},
+    {"assets", "tracking", "memory", "peers"},
     {"tokenizers"},
     {"optim", "step", "data", "parallel", "checkpoint", "pretrained", "generate", "mfu"},
     {"load", "corpora", "textdata", "control", "hellaswag"},
