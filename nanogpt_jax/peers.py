@@ -95,9 +95,9 @@ def join(address: str | None, n: int | None, me: int | None, timeout: int, heart
     if me == 0:
         print(f"waiting up to {timeout} s for {n} processes at {where} (this is process 0, the coordinator)",
               file=sys.stderr, flush=True)
-    elif me is not None:
-        print(f"process {me} of {n}: joining the run at {where} (waiting up to {timeout} s)", file=sys.stderr,
-              flush=True)
+    else:  # under a cluster launcher, JAX learns this process's index only as it joins
+        print(f"process {'?' if me is None else me} of {n or '?'}: joining the run at {where} (waiting up to "
+              f"{timeout} s)", file=sys.stderr, flush=True)
     words = (_missing_words(address, n, me, timeout) if None not in (address, n, me) else
              f"the processes did not all join at {where} within {timeout} s: raise --initialization_timeout, or "
              "check that every process was started")
