@@ -33,7 +33,8 @@ KINDS = ("latest", "best")
 ITEMS = ("params", "optimizer", "record")
 # 2: best_iter and checksums. A version-1 record reads with both None (nothing to verify or repair).
 # 3: the blocks stacked under h (a leading layer axis); versions 1 and 2 hold h_0 .. h_{L-1}, stacked on restore.
-RECORD_VERSION = 3
+# 4: a float16 run's optimizer state is step.ScaledState (its own and the loss scale); earlier float16 runs had none.
+RECORD_VERSION = 4
 
 
 class CheckpointError(UserError):

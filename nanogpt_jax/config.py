@@ -50,6 +50,7 @@ class TrainConfig:
     # HellaSwag's acc / acc_norm (GPT-2 BPE models only)
     hellaswag_interval: int = 0  # every this many iterations and at the last (0 = never)
     hellaswag_file: str | None = None  # the jsonl to score (None: the validation set, downloaded once into the cache)
+    # profiling
     profile: str | None = None  # START:STOP: a jax.profiler trace of iterations START..STOP-1 in out_dir/profile
     # data
     dataset: str = "openwebtext"  # the prepared folder DATA_DIR/DATASET

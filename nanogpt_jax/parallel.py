@@ -213,8 +213,10 @@ def put_replicated(mesh: Mesh, x) -> jax.Array:
 
 def per_device_grads(grads_for, mesh: Mesh, param_specs):
     """The step's (loss, grads) with every device on its own rows of each micro-batch (batch: (A, M, T)
-    arrays). `grads_for(gather)` builds `grads_fn(params, batch, key) -> (loss, grads)` (accumulating over the
-    micro-batches) around a model whose layer loop calls `gather` on each layer's params, or None.
+    arrays). `grads_for(gather)` builds `grads_fn(params, batch, key, loss_scale) -> (loss, grads)` (accumulating
+    over the micro-batches) around a model whose layer loop calls `gather` on each layer's params, or None.
+    float16's loss scale (a replicated scalar, or None) scales each device's loss before its backward pass; the
+    gradients come back reduced and still scaled (train_step unscales them).
 
     Data parallelism: whole gradients, reduced once after the accumulation. FSDP: each layer's weights are
     all-gathered inside the loop; the gradient of that all-gather is a reduce-scatter, so each layer's
@@ -242,25 +244,25 @@ def per_device_grads(grads_for, mesh: Mesh, param_specs):
 
     grads_fn = grads_for(gather_layer if per_layer else None)
 
-    def local(params, batch, key):
+    def local(params, batch, key, loss_scale):
         key = jax.random.fold_in(key, jax.lax.axis_index(BATCH))
         whole = {k: v if per_layer and k == "h" else jax.tree.map(gather, v, param_specs[k], is_leaf=_is_spec)
                  for k, v in params.items()}
-        loss, grads = grads_fn(whole, batch, key)
+        loss, grads = grads_fn(whole, batch, key, loss_scale)
         grads = {k: jax.tree.map(partial(reduce, summed_over_fsdp=per_layer and k == "h"), g, param_specs[k],
                                  is_leaf=_is_spec) for k, g in grads.items()}
         return jax.lax.pmean(loss, BATCH), grads
 
     rows = P(None, BATCH)
-    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, (rows, rows), P()), out_specs=(P(), param_specs),
-                         check_vma=False)
+    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, (rows, rows), P(), P()),
+                         out_specs=(P(), param_specs), check_vma=False)
 
 
 def pmapped_grads(grads_fn, axis: str = "devices"):
     """The pmap form of per_device_grads: local accumulation, then one pmean over the devices."""
 
-    def local(params, batch, key):
-        loss, grads = grads_fn(params, batch, jax.random.fold_in(key, jax.lax.axis_index(axis)))
+    def local(params, batch, key, loss_scale):
+        loss, grads = grads_fn(params, batch, jax.random.fold_in(key, jax.lax.axis_index(axis)), loss_scale)
         return jax.lax.pmean(loss, axis), jax.lax.pmean(grads, axis)
 
     return local

@@ -16,7 +16,8 @@ from .config import TrainConfig, UserError
 from .load import abstract_params
 from .model import GPTConfig, make_model
 from .optim import OptimConfig, make_optimizer
-from .step import TrainState, accumulate_grads, eval_step, train_step
+from .step import LossScale, ScaledState, TrainState, accumulate_grads, eval_step, initial_loss_scale, train_step, \
+    with_loss_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +74,14 @@ class Program:
         self.cfg, self.config = cfg, config
         self.model = make_model(config)
         self.tx = make_optimizer(OptimConfig.of(cfg))
+        # float16 gradients need GradScaler's loss scaling; float32 and bfloat16 have float32's exponent range
+        self.init_opt = with_loss_scale(self.tx.init) if config.dtype == "float16" else self.tx.init
         self.layout = parallel.plan(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.micro_batch_size,
                                     fsdp=cfg.fsdp, num_devices=cfg.num_devices, pmap=cfg.parallel == "pmap",
                                     devices=devices)
         self.mesh = mesh = self.layout.mesh
         shapes = abstract_params(config)
-        abstract_state = TrainState(shapes, jax.eval_shape(self.tx.init, shapes))
+        abstract_state = TrainState(shapes, jax.eval_shape(self.init_opt, shapes))
         self.shardings = parallel.state_shardings(mesh, abstract_state)  # also the layout checkpoints restore to
         self.abstract_state = abstract(abstract_state, self.shardings)
         self.rep = rep = parallel.replicated(mesh)
@@ -113,16 +116,50 @@ class Program:
     def init_state(self, params) -> TrainState:
         """`params` and a fresh optimizer state, placed as the step wants them."""
         params = jax.device_put(params, self.shardings.params)
-        state = TrainState(params, jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params))
+        state = TrainState(params, jax.jit(self.init_opt, out_shardings=self.shardings.opt_state)(params))
         return parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state
 
     def restore_state(self, ckpt: Checkpointer, kind: str = "latest") -> tuple[TrainState, jax.Array]:
-        """(train state, base rng) of the latest (or best) checkpoint, restored straight onto the step's placement."""
-        optimizer = {"opt_state": self.abstract_state.opt_state,
+        """(train state, base rng) of the latest (or best) checkpoint, restored straight onto the step's placement.
+        A float16 checkpoint's loss scale is restored; a float16 run from a checkpoint without one (older, or
+        trained in another dtype) starts the scale afresh, and a run in another dtype leaves it out."""
+        record = ckpt.record(kind)
+        saved_scale = record.version >= 4 and record.config.dtype == "float16"  # see checkpoint.RECORD_VERSION
+        optimizer = {"opt_state": self._opt_target(saved_scale),
                      "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=self.rep)}
         restored = ckpt.restore(kind, params=self.abstract_state.params, optimizer=optimizer)
-        state = TrainState(restored["params"], restored["optimizer"]["opt_state"])
+        opt_state = restored["optimizer"]["opt_state"]
+        if saved_scale and not self.float16:
+            opt_state = opt_state.inner
+        elif self.float16 and not saved_scale:
+            opt_state = ScaledState(opt_state, jax.tree.map(partial(parallel.put_replicated, self.mesh),
+                                                            initial_loss_scale()))
+        state = TrainState(restored["params"], opt_state)
         return (parallel.stack_for_pmap(self.mesh, state) if self.layout.pmap else state), restored["optimizer"]["rng"]
+
+    @property
+    def float16(self) -> bool:
+        """Whether the run scales its loss (its optimizer state carries a LossScale)."""
+        return isinstance(self.abstract_state.opt_state, ScaledState)
+
+    def _opt_target(self, saved_scale: bool):
+        """The abstract optimizer state a checkpoint is read into: this run's, with a loss scale where the
+        checkpoint has one."""
+        target = self.abstract_state.opt_state
+        if self.float16 and not saved_scale:
+            return target.inner
+        if saved_scale and not self.float16:
+            scalars = jax.eval_shape(initial_loss_scale)
+            return ScaledState(target, LossScale(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.rep)
+                                                   for x in scalars)))
+        return target
+
+    def loss_scale(self, state: TrainState) -> jax.Array | None:
+        """A float16 run's current loss scale (a float32 scalar on the devices); None in other dtypes."""
+        if not self.float16:
+            return None
+        scale = state.opt_state.loss_scale.scale
+        return scale[0] if self.layout.pmap else scale  # pmap: one equal copy per device
 
     def saved_state(self, state: TrainState) -> TrainState:
         """The state as checkpoints and evaluation take it: one copy, without pmap's device axis."""

@@ -14,7 +14,8 @@ from .saving import refuse_nonfinite
 
 
 class StepLog:
-    """Every log_interval: loss, lr, time per iteration since the last line, tokens/s, MFU, skipped steps."""
+    """Every log_interval: loss, lr, time per iteration since the last line, tokens/s, MFU, skipped steps, and
+    float16's loss scale."""
 
     def __init__(self, run, metrics, log):
         self.run, self.metrics, self.log = run, metrics, log
@@ -27,7 +28,7 @@ class StepLog:
         """Time from here: evaluation time is not step time."""
         self.t0, self.timed = time.perf_counter(), 0
 
-    def step(self, iter_num: int, loss, n_skipped) -> None:
+    def step(self, iter_num: int, loss, n_skipped, state) -> None:
         self.timed += 1
         if iter_num % self.run.cfg.log_interval:
             return
@@ -38,11 +39,14 @@ class StepLog:
         lr = float(get_lr(iter_num, OptimConfig.of(self.run.cfg)))
         util = self.flops_per_iter / dt / (self.peak * self.run.mesh.size) if self.peak else None
         skips = {} if n_skipped is None else {"skipped_steps": int(n_skipped)}
+        scale = self.run.loss_scale(state)
+        scaled = {} if scale is None else {"loss_scale": float(scale)}
         self.log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, {tokens / dt:,.0f} tok/s, "
                  f"mfu {'n/a' if util is None else f'{util * 100:.2f}%'}"
-                 + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else ""))
+                 + (f", skipped {skips['skipped_steps']} non-finite steps" if skips else "")
+                 + (f", loss scale {scaled['loss_scale']:.10g}" if scaled else ""))
         self.metrics.log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_sec=tokens / dt, mfu=util,
-                         **skips)
+                         **skips, **scaled)
         if not self.run.cfg.skip_nonfinite_steps:
             refuse_nonfinite(self.run.cfg, iter_num, loss, "loss")
 

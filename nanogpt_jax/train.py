@@ -79,7 +79,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
             in_flight = loss
             if profile.after(it, loss):
                 steps.restart()
-            steps.step(it, loss, n_skipped)
+            steps.step(it, loss, n_skipped, state)
             progress.iter_num += 1
             if stop.after(progress.iter_num):  # the step is done: save it, and stop
                 save_on_stop(run, ckpt, state, rng, progress, lambda line: log(f"{stop.signal}: {line}"))

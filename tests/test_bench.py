@@ -6,14 +6,19 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
 
 from conftest import nanogpt_num_params
 from benchmarks import case
 from benchmarks.case import bench, side_args
 from benchmarks.presets import DECODE_SHAPES, TRAIN_SHAPES, BenchConfig, shaped
 from benchmarks.probes import allocator
+from benchmarks.reference import torch_gpt
 from nanogpt_jax.config import parse, run_config_file
+from nanogpt_jax.model import GPTConfig, init_params, make_model
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dtype="float32")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -58,7 +63,7 @@ def test_bench_compare_torch_smallest_case():
     r = bench(BenchConfig(bench="train", steps=2, rounds=2, batch_size=2, gradient_accumulation_steps=2,
                           compare="torch", **TINY))
     t = r["torch"]
-    assert t["name"] == "torch eager" and len(t["rounds_ms"]) == len(r["rounds_ms"]) == 2
+    assert t["name"] == "torch eager, nanoGPT's GPT" and len(t["rounds_ms"]) == len(r["rounds_ms"]) == 2
     for side in (r, t):
         assert positive(side["ms_per_iter"]) and positive(side["compile_s"]) and positive(side["tflops_per_sec"])
         assert min(side["rounds_ms"]) <= side["ms_per_iter"] <= max(side["rounds_ms"])
@@ -113,3 +118,27 @@ def test_shape_preset_yields_to_given_options():
     assert (got.n_layer, got.n_embd, got.vocab_size, got.prompt_tokens) == (12, 768, 50257, 32)
     assert (got.num_samples, got.new_tokens, got.temperature) == (8, 16, 0.0)
     assert DECODE_SHAPES["gpt2"]["bias"] is True
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_torch_training_reference_computes_our_model(bias):
+    """torch_gpt holding our weights gives our logits (float32), with and without biases: the training
+    reference times the same function."""
+    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    params = init_params(config, jax.random.PRNGKey(0))
+    idx_BT = np.random.default_rng(0).integers(0, 50, (3, 16))
+    ours_BTV, _ = make_model(config).apply({"params": params}, jnp.asarray(idx_BT))
+    names = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+    state = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        *module, leaf = [str(getattr(k, "key", k)) for k in path]
+        x = np.asarray(x)
+        layers = enumerate(x) if module[0] == "h" else [(None, x)]
+        for n, value in layers:
+            name = ".".join(["h", str(n), *module[1:]] if n is not None else module) + "." + names[leaf]
+            state[name] = torch.from_numpy(np.ascontiguousarray(value.T if leaf == "kernel" else value))
+    model = torch_gpt(config).eval()
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        theirs_BTV = model(torch.from_numpy(idx_BT)).numpy()
+    np.testing.assert_allclose(theirs_BTV, np.asarray(ours_BTV), atol=2e-5, rtol=1e-4)

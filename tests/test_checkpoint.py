@@ -110,7 +110,7 @@ def test_best_and_latest_semantics(char_data, tmp_path, monkeypatch, spy_saves, 
 def test_record_reads_back_field_for_field():
     """A record written by this version reads back equal, its model fields as the GPTConfig."""
     data = record_json()
-    assert data["version"] == RECORD_VERSION == 3
+    assert data["version"] == RECORD_VERSION == 4
     record = RunRecord.from_json(data, "somewhere")
     assert dataclasses.asdict(record) == data
     assert record.config == TINY
@@ -129,9 +129,9 @@ def test_record_without_a_version_reads_as_version_1():
 
 
 @pytest.mark.parametrize("changes, named", [
-    ({"version": 4}, ["record version 4"]),
-    ({"optimizer": "lion"}, ["record version 3", "'optimizer'"]),
-    ({"model": {**dataclasses.asdict(TINY), "rope": True}}, ["record version 3", "'rope'"]),
+    ({"version": 5}, ["record version 5"]),
+    ({"optimizer": "lion"}, ["record version 4", "'optimizer'"]),
+    ({"model": {**dataclasses.asdict(TINY), "rope": True}}, ["record version 4", "'rope'"]),
 ])
 def test_a_newer_record_is_refused_in_one_line(changes, named):
     """A newer version, or a field this version does not know (top level or model), is a CheckpointError: one
@@ -146,12 +146,12 @@ def test_a_newer_record_is_refused_in_one_line(changes, named):
 
 
 def test_a_newer_record_on_disk_is_refused_by_every_reader(tmp_path, run_cli):
-    """A checkpoint whose record says version 4: load_run refuses it, and `sample` prints one error line."""
-    save_tiny(tmp_path, RunRecord(**{**record_json(), "version": 4}))
-    with pytest.raises(CheckpointError, match="record version 4"):
+    """A checkpoint whose record says version 5: load_run refuses it, and `sample` prints one error line."""
+    save_tiny(tmp_path, RunRecord(**{**record_json(), "version": 5}))
+    with pytest.raises(CheckpointError, match="record version 5"):
         load_run(str(tmp_path))
     code, out, err = run_cli("sample", f"--out_dir={tmp_path}")
-    assert_one_error_line(code, out, err, "record version 4", "upgrade nanogpt-jax")
+    assert_one_error_line(code, out, err, "record version 5", "upgrade nanogpt-jax")
 
 
 # -------------------------------------------------------------------------------------- existing runs

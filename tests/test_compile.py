@@ -80,6 +80,7 @@ def test_compile_for_this_machine_and_generate(run_cli):
     assert result["peak_gib_per_device"] * 2**30 >= 4 * N + cache
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_generate_with_fsdp_holds_an_eighth_of_the_weights_per_chip():
     """`sample --fsdp`'s placement compiled for v5e:2x4: each chip's arguments lose 7/8 of the float32

@@ -87,6 +87,7 @@ def test_the_command_refuses_a_million_layers_in_seconds(char_data, tmp_path):
     assert_one_error_line(proc.returncode, proc.stdout, proc.stderr, "n_layer=1000000", "GiB per device of memory")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_remat_saves_memory_says_what_the_compiler_does(scan_layers):
     """remat_saves_memory against the compiled step itself: the temp memory of a GPT's gradient with and without

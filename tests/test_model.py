@@ -100,6 +100,7 @@ def test_manual_dropout_attention_matches_reference_when_nothing_is_dropped():
     np.testing.assert_allclose(np.asarray(logits), np_forward(config, params, idx), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_changes_training_forward_only():
     config = dataclasses.replace(TINY, dropout=0.2)
     params = perturbed_params(config)

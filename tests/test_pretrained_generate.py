@@ -39,6 +39,7 @@ def test_greedy_generate_matches_transformers(n_embd, n_head, tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_left_padded_prompts_match_transformers_with_attention_mask(tmp_path):
     """Prompts of 3, 7, 12 and 20 tokens, left padded into one batch: greedy, each row equals transformers'
     generate with attention_mask (its positions count from each row's first real token too) and our own

@@ -71,6 +71,7 @@ def greedy_text(out, prompt, new):
     return "".join(itos[i] for i in row)
 
 
+@pytest.mark.slow
 def test_prompts_one_per_line_are_each_their_own_greedy_continuation(char_run, tmp_path):
     """LINES: prompts of 2, 6 and 11 characters in one batch (left padded): each text is that prompt's
     greedy continuation alone."""
@@ -83,6 +84,7 @@ def test_prompts_one_per_line_are_each_their_own_greedy_continuation(char_run, t
     assert texts == [t for t in expected for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_stop_cuts_each_sample_before_the_stop_text(char_run):
     """A one-character stop (it is also generate's eos_id) and a two-character one: each sample is the
     unstopped sample (same seed) cut before the stop's first place in the continuation."""
@@ -117,6 +119,7 @@ def test_the_command_streams_and_refuses_stream_of_several(char_run, run_cli):
     assert code == 2 and stdout == "" and err.count("\n") == 1 and "--stream shows one sample and there are 2" in err
 
 
+@pytest.mark.slow
 def test_a_second_sample_compiles_nothing_new(char_run, tmp_path):
     """The CLI's persistent compilation cache: the first sample writes its programs, the second finds them all
     (no new entry); NANOGPT_JAX_COMPILE_CACHE=0 and --no_compile_cache write nothing."""
@@ -139,6 +142,7 @@ def test_a_second_sample_compiles_nothing_new(char_run, tmp_path):
     assert entries and run(NANOGPT_JAX_COMPILE_CACHE="1") == first and set(os.listdir(cache)) == entries
 
 
+@pytest.mark.slow
 def test_weights_split_over_four_devices_sample_the_same_text(char_run):
     """--fsdp=4 on 4 host devices: the weights rest split 4 ways (training's FSDP rule) and the greedy and
     the seeded samples equal the one-device ones; more devices than there are is one error line."""

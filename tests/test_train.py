@@ -355,8 +355,8 @@ def _poison_some_batches(monkeypatch):
 
     original = program_module.accumulate_grads
 
-    def accumulate_grads(params, batch, key, *, model):
-        loss, grads = original(params, batch, key, model=model)
+    def accumulate_grads(params, batch, key, loss_scale=None, *, model):
+        loss, grads = original(params, batch, key, loss_scale, model=model)
         poison = jnp.where(jnp.sum(batch[0]) % 3 == 0, jnp.nan, 0.0)
         return loss + poison, jax.tree.map(lambda g: g + poison, grads)
 

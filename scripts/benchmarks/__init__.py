@@ -10,8 +10,8 @@ How each side is timed:
   step), the next batch read while a step runs, at most two steps in flight; ms/iter = wall time of `steps`
   steps / `steps`, the median over rounds. The step is compiled ahead of time, and that executable is what
   runs (so its cost_analysis() FLOPs are the FLOPs timed).
-- train, torch (reference.py): transformers' GPT2LMHeadModel (SDPA attention, always with biases),
-  torch.optim.AdamW with the same lr, betas, weight decay (matrices only) and clipping, the same
+- train, torch (reference.py): the same model in torch, biases as ours has them: nanoGPT's GPT written in
+  torch (torch_gpt) without biases, transformers' GPT2LMHeadModel (SDPA attention) with them; torch.optim.AdamW with the same lr, betas, weight decay (matrices only) and clipping, the same
   micro-batches (rows and accumulation steps as ours lays them out), batches read from the same kind of
   synthetic tokens inside the timed loop as nanoGPT's get_batch. Eager on a CPU; on a GPU bf16 autocast,
   eager and torch.compile both, and the faster counts.

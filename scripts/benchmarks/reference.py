@@ -3,6 +3,7 @@ and transformers' `generate`, eager or under torch.compile with a static cache. 
 the test extra's, imported only when a reference is asked for."""
 
 import dataclasses
+import math
 import time
 from contextlib import nullcontext
 
@@ -45,16 +46,73 @@ def hf_model(config: GPTConfig, params=None):
     return model
 
 
+def torch_gpt(config: GPTConfig):
+    """nanoGPT's GPT in torch, written for this benchmark: ours' architecture, biases or none as config.bias
+    says (transformers' GPT-2 always has them), tanh GELU, tied embeddings, SDPA causal attention, nanoGPT's
+    init and dropouts. Parameter names are ours' with dots (h.N.attn.c_attn.weight is (out, in))."""
+    torch, _ = torch_modules()
+    nn, F = torch.nn, torch.nn.functional
+    C, L, p = config.n_embd, config.n_layer, config.dropout
+
+    def linear(n_in, n_out, std=0.02):
+        layer = nn.Linear(n_in, n_out, bias=config.bias)
+        nn.init.normal_(layer.weight, std=std)
+        if config.bias:
+            nn.init.zeros_(layer.bias)
+        return layer
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C, bias=config.bias), nn.LayerNorm(C, bias=config.bias)
+            self.attn = nn.ModuleDict({"c_attn": linear(C, 3 * C), "c_proj": linear(C, C, 0.02 / math.sqrt(2 * L))})
+            self.mlp = nn.ModuleDict({"c_fc": linear(C, 4 * C), "c_proj": linear(4 * C, C, 0.02 / math.sqrt(2 * L))})
+
+        def forward(self, x_BTC):
+            B, T, _ = x_BTC.shape
+            q, k, v = (t.view(B, T, config.n_head, -1).transpose(1, 2)
+                       for t in self.attn["c_attn"](self.ln_1(x_BTC)).split(C, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p if self.training else 0.0)
+            x_BTC = x_BTC + F.dropout(self.attn["c_proj"](y.transpose(1, 2).reshape(B, T, C)), p, self.training)
+            h_BTC = self.mlp["c_proj"](F.gelu(self.mlp["c_fc"](self.ln_2(x_BTC)), approximate="tanh"))
+            return x_BTC + F.dropout(h_BTC, p, self.training)
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(config.vocab_size, C), nn.Embedding(config.block_size, C)
+            for table in (self.wte, self.wpe):
+                nn.init.normal_(table.weight, std=0.02)
+            self.h = nn.ModuleList(Block() for _ in range(L))
+            self.ln_f = nn.LayerNorm(C, bias=config.bias)
+
+        def forward(self, idx_BT):
+            x_BTC = F.dropout(self.wte(idx_BT) + self.wpe(torch.arange(idx_BT.shape[1], device=idx_BT.device)),
+                              p, self.training)
+            for block in self.h:
+                x_BTC = block(x_BTC)
+            return self.ln_f(x_BTC) @ self.wte.weight.T  # weight tying
+
+    return GPT()
+
+
 class TorchTrain:
-    """nanoGPT's training step with transformers' GPT-2: micro-batch forward/backward, clip, AdamW."""
+    """nanoGPT's training step in torch: micro-batch forward/backward, clip, AdamW. The model: nanoGPT's GPT
+    (torch_gpt) for a model without biases, transformers' GPT-2 (SDPA) for one with them."""
 
     def __init__(self, cfg: BenchConfig, config: GPTConfig, micro_steps: int, rows: int, compiled: bool):
         torch, _ = self.torch, _ = torch_modules()
-        self.name = "torch.compile" if compiled else "torch eager"
+        self.name = ("torch.compile" if compiled else "torch eager") + (
+            ", transformers GPT-2" if config.bias else ", nanoGPT's GPT")
         self.cfg, self.config, self.micro_steps, self.rows = cfg, config, micro_steps, rows
         self.device = torch_device(torch)
         torch.manual_seed(0)
-        model = hf_model(config).to(self.device).train()
+        if config.bias:
+            model = hf_model(config).to(self.device).train()
+            self.forward = lambda x_BT: self.model(input_ids=x_BT, use_cache=False).logits
+        else:
+            model = torch_gpt(config).to(self.device).train()
+            self.forward = lambda x_BT: self.model(x_BT)
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -86,7 +144,7 @@ class TorchTrain:
             x_ABT, y_ABT = self.batch()
             for x_BT, y_BT in zip(x_ABT, y_ABT):
                 with self.autocast:
-                    logits = self.model(input_ids=x_BT, use_cache=False).logits
+                    logits = self.forward(x_BT)
                     loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y_BT.view(-1)) / self.micro_steps
                 loss.backward()
             if self.cfg.grad_clip > 0:
