@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from . import compile_check, convert, corpora, data, evaluate, helptext, parallel, plot, sample, textdata, train
+from . import compile_check, convert, corpora, data, evaluate, helptext, parallel, peers, plot, sample, textdata, train
 from .checkpoint import quiet_orbax_failures
 from .config import (CompileConfig, ConfigError, ConvertConfig, EvalConfig, PrepareConfig, SampleConfig, TrainConfig,
                      UserError, parse, user_cache)
@@ -200,6 +200,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as e:
+        if debug or jax.process_count() == 1:
+            raise
+        peers.collective_failed(e)  # in a multi-process run most likely a peer died: one line, exit 2
     return code or 0
 
 

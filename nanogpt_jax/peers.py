@@ -27,6 +27,7 @@ BEAT = 1.0  # seconds between our heartbeats
 PREFIX = "nanogpt_jax/alive/"
 
 _watcher = None  # the watcher process of a non-coordinator
+_watching = None  # the heartbeat timeout, once `watch` runs
 
 
 def _done() -> None:
@@ -116,10 +117,13 @@ def join(address: str | None, n: int | None, me: int | None, timeout: int, heart
 def watch(me: int, n: int, timeout: int, address: str) -> None:
     """From a daemon thread, every BEAT seconds: count up this process's key in the coordinator's key-value
     store and read the others'. A peer whose count has not moved for `timeout` seconds, or a coordinator that
-    stops answering, ends this process with one line. At exit the beat goes on, unchecked: JAX's shutdown
-    holds every process at a barrier until all arrive, so a peer still at work is not taken for dead."""
+    stops answering, ends this process with one line. The beat goes on while the process exits: JAX's
+    shutdown holds every process at a barrier until all arrive, so a peer that is done is not taken for dead,
+    and one that died is still noticed; once past the barrier the store is gone and the thread stops."""
+    global _watching
     client, exiting = distributed.global_state.client, threading.Event()
     atexit.register(exiting.set)  # runs before JAX's own shutdown, registered when jax was imported
+    _watching = timeout
     threading.Thread(target=_beat, args=(client, me, n, timeout, address, exiting), daemon=True).start()
 
 
@@ -138,8 +142,6 @@ def _beat(client, me, n, timeout, address, exiting) -> None:
             _fail(f"process {me} of {n}: the coordinator (process 0 at {address}) stopped answering: it was "
                   "killed or its machine is down; this process stops too. Start all processes again with "
                   "--init_from=resume")
-        if exiting.is_set():
-            continue
         now = time.monotonic()
         for p, (last, since) in changed.items():
             if counts.get(p) != last:
@@ -149,3 +151,15 @@ def _beat(client, me, n, timeout, address, exiting) -> None:
             _fail(f"process {', '.join(map(str, silent))} of {n} sent no heartbeat for {timeout} s: it was killed "
                   f"or its machine is down; process {me} stops too. Start all processes again with "
                   "--init_from=resume")
+
+
+def collective_failed(error: Exception) -> None:
+    """A step across processes raised (gloo sees a dead peer's socket close before any heartbeat is missed):
+    leave the heartbeat watchdog time to name the process that is gone; if all still beat, say what failed.
+    Either way one line and exit 2, never the shutdown barrier that would wait for a dead process."""
+    if _watching is None:
+        raise error
+    time.sleep(_watching + 3 * BEAT)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    _fail(f"process {jax.process_index()} of {jax.process_count()}: a step across the processes failed, every "
+          f"process still answering ({first}); start all processes again with --init_from=resume")
