@@ -5,6 +5,7 @@ a kill between the `latest` and `best` saves is repaired on resume; SIGKILL at a
 save too, resumes from a complete checkpoint."""
 
 import asyncio
+import dataclasses
 import errno
 import gc
 import os
@@ -177,7 +178,7 @@ def test_resume_refuses_a_damaged_latest_then_resumes_from_best(small_run, tmp_p
     loss equals the original run's at 2, bit for bit) and saves latest at 4 again."""
     cfg, out = small_run
     copy, step_dir = damaged_copy(small_run, tmp_path, "truncated")
-    args = ["train", *options(cfg), f"--out_dir={copy}", "--init_from=resume"]
+    args = ["train", *options(dataclasses.replace(cfg, out_dir=str(copy))), "--init_from=resume"]
     code, stdout, err = run_cli(*args)
     assert_one_error_line(code, stdout, err, f"the latest checkpoint {step_dir} cannot be used",
                           "--init_from=resume --checkpoint=best")

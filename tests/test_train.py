@@ -387,12 +387,12 @@ def test_nan_loss_before_any_checkpoint_says_none_was_saved(char_data, tmp_path,
     import jax.numpy as jnp
 
     from nanogpt_jax import program as program_module
-    from nanogpt_jax.train import NonFiniteLossError
+    from nanogpt_jax.saving import NonFiniteLossError
 
     data_dir, _ = char_data
     original = program_module.accumulate_grads
-    monkeypatch.setattr(program_module, "accumulate_grads", lambda params, batch, key, *, model: jax.tree.map(
-        lambda x: x * jnp.nan, original(params, batch, key, model=model)))
+    monkeypatch.setattr(program_module, "accumulate_grads", lambda params, batch, key, loss_scale=None, *, model:
+                        jax.tree.map(lambda x: x * jnp.nan, original(params, batch, key, loss_scale, model=model)))
     with pytest.raises(NonFiniteLossError) as e:
         train(tiny_cfg(data_dir, tmp_path, n_layer=1, eval_interval=5, max_iters=10), log=quiet)
     assert str(e.value).startswith("iteration 0: the loss is nan; stopped, and no checkpoint had been saved. ")
