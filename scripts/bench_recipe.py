@@ -5,6 +5,10 @@ best val loss and peak RSS (the kernel's count for that process).
 
     python scripts/bench_recipe.py --nanogpt=PATH/TO/nanoGPT            # 2 rounds of 2000 iterations
     python scripts/bench_recipe.py --nanogpt=PATH --rounds=3 --max_iters=500
+    python scripts/bench_recipe.py --nanogpt=PATH --ours_at=/tmp/old   # also a checkout of another commit
+
+--ours_at (repeatable) adds a checkout of nanogpt-jax at another commit (`git worktree add /tmp/old COMMIT`) to
+each round, run the same way from its own folder, so that two versions are compared in one alternating session.
 
 PATH is a checkout of karpathy/nanoGPT (train.py, model.py, configurator.py, config/); torch must be installed
 (the test extra). nanoGPT runs in a temporary folder holding links to its files and a data/shakespeare_char/
@@ -70,25 +74,39 @@ def timed(command: list[str], cwd: Path, env: dict) -> dict:
             "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def _commit(checkout: Path) -> str:
+    """The short commit a checkout is at (its folder's name if git cannot tell)."""
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or checkout.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max_iters", type=int, default=2000, help="both sides (and lr_decay_iters)")
+    parser.add_argument("--ours_at", type=Path, action="append", default=[],
+                        help="a checkout of nanogpt-jax at another commit, run in each round too")
     args = parser.parse_args()
     if not (args.nanogpt / "train.py").is_file():
         sys.exit(f"error: --nanogpt={args.nanogpt} holds no train.py: give a checkout of karpathy/nanoGPT")
+    for other in args.ours_at:
+        if not (other / "nanogpt_jax" / "cli.py").is_file():
+            sys.exit(f"error: --ours_at={other} holds no nanogpt_jax/cli.py: give a checkout of nanogpt-jax")
+    ours = {"nanogpt-jax": ROOT, **{f"nanogpt-jax at {_commit(p)}": p.resolve() for p in args.ours_at}}
     length = [f"--max_iters={args.max_iters}", f"--lr_decay_iters={args.max_iters}"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = prepare(work)
         theirs_cwd = nanogpt_folder(args.nanogpt.resolve(), data, work)
-        env = {**os.environ, "NANOGPT_JAX_COMPILE_CACHE": "0", "PYTHONPATH": str(ROOT)}
-        runs = {"nanogpt-jax": [], "nanoGPT": []}
+        env = {**os.environ, "NANOGPT_JAX_COMPILE_CACHE": "0"}
+        runs = {**{side: [] for side in ours}, "nanoGPT": []}
         for r in range(args.rounds):
-            runs["nanogpt-jax"].append(timed(
-                [sys.executable, "-m", "nanogpt_jax.cli", "train", "configs/shakespeare_char_cpu.py",
-                 f"--data_dir={work}", f"--out_dir={work}/ours{r}", *length], ROOT, env))
+            for i, (side, root) in enumerate(ours.items()):
+                runs[side].append(timed(
+                    [sys.executable, "-m", "nanogpt_jax.cli", "train", "configs/shakespeare_char_cpu.py",
+                     f"--data_dir={work}", f"--out_dir={work}/ours{i}_{r}", *length], root,
+                    {**env, "PYTHONPATH": str(root)}))
             runs["nanoGPT"].append(timed(
                 [sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={work}/theirs{r}", *length], theirs_cwd, env))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['ms_per_iter']:.1f} ms/iter" for k, v in runs.items()),
@@ -100,9 +118,11 @@ def main() -> None:
         cells = [", ".join(f"{r[key]:{spec}}" for r in rs)
                  for key, spec in (("ms_per_iter", ".1f"), ("wall_s", ".0f"), ("best_val", ".4f"), ("peak_rss_mb", ".0f"))]
         print(f"| {side} | {ms:.1f} | " + " | ".join(cells) + " |")
-    ours, theirs = (statistics.median(r["ms_per_iter"] for r in runs[k]) for k in ("nanogpt-jax", "nanoGPT"))
-    print(f"\nratio (nanoGPT ms/iter / ours): {theirs / ours:.2f}x; per round: "
-          + ", ".join(f"{t['ms_per_iter'] / o['ms_per_iter']:.2f}x" for o, t in zip(runs["nanogpt-jax"], runs["nanoGPT"])))
+    theirs = statistics.median(r["ms_per_iter"] for r in runs["nanoGPT"])
+    for side in ours:
+        ms = statistics.median(r["ms_per_iter"] for r in runs[side])
+        print(f"\nratio (nanoGPT ms/iter / {side}): {theirs / ms:.2f}x; per round: "
+              + ", ".join(f"{t['ms_per_iter'] / o['ms_per_iter']:.2f}x" for o, t in zip(runs[side], runs["nanoGPT"])))
 
 
 if __name__ == "__main__":
