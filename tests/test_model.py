@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nanogpt_num_params, np_log_softmax
+from conftest import assert_trees_equal, nanogpt_num_params, np_log_softmax
+from nanogpt_jax import model as model_module
 from nanogpt_jax.kernels import ATTENTION_BLOCK
 from nanogpt_jax.model import (GPTConfig, crop_block_size, cross_entropy, init_cache, init_params,
                                make_model, num_params)
@@ -275,6 +276,18 @@ def test_gpt2_init_statistics():
     # all parameters are float32 whatever the compute dtype
     bf16 = init_params(dataclasses.replace(config, dtype="bfloat16", n_layer=1), jax.random.PRNGKey(0))
     assert {x.dtype for x in jax.tree_util.tree_leaves(bf16)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("model", ["gpt", "bigram"])
+def test_jitted_init_draws_what_flax_draws_op_by_op(model, monkeypatch):
+    """init_params is jitted; its weights are those of flax's own normal initializer run op by op, bit for bit
+    (a fused draw would move last bits, and with them every loss a seed has given so far)."""
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, model=model)
+    jitted = init_params(config, jax.random.PRNGKey(1337))
+    monkeypatch.setattr(model_module, "_normal", nn.initializers.normal)
+    with jax.disable_jit():
+        eager = init_params(config, jax.random.PRNGKey(1337))
+    assert_trees_equal(jitted, eager)
 
 
 # ----------------------------------------------------------------------------------------------------------
