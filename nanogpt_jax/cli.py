@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     except UserError as e:
         if debug:
             raise
+        peers.stop_on_error(str(e))  # in a multi-process run: tell the others, and exit here
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from jax._src import distributed  # JAX has no public handle on its key-value st
 
 BEAT = 1.0  # seconds between our heartbeats
 PREFIX = "nanogpt_jax/alive/"
+FAILED = "nanogpt_jax/failed/"  # process -> the error it stopped on
 
 _watcher = None  # the watcher process of a non-coordinator
 _watching = None  # the heartbeat timeout, once `watch` runs
@@ -136,12 +137,17 @@ def _beat(client, me, n, timeout, address, exiting) -> None:
         try:
             client.key_value_set(f"{PREFIX}{me}", str(count), allow_overwrite=True)
             counts = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(PREFIX)}
+            failed = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(FAILED)}
         except Exception:  # noqa: BLE001 -- any failure here means the coordinator is unreachable
             if exiting.is_set():
                 return
             _fail(f"process {me} of {n}: the coordinator (process 0 at {address}) stopped answering: it was "
                   "killed or its machine is down; this process stops too. Start all processes again with "
                   "--init_from=resume")
+        for p, why in sorted(failed.items()):
+            if p != me:
+                _fail(f"process {p} of {n} stopped on an error ({why}); process {me} stops too. Fix it and start "
+                      "all processes again with --init_from=resume")
         now = time.monotonic()
         for p, (last, since) in changed.items():
             if counts.get(p) != last:
@@ -151,6 +157,24 @@ def _beat(client, me, n, timeout, address, exiting) -> None:
             _fail(f"process {', '.join(map(str, silent))} of {n} sent no heartbeat for {timeout} s: it was killed "
                   f"or its machine is down; process {me} stops too. Start all processes again with "
                   "--init_from=resume")
+
+
+def stop_on_error(message: str) -> None:
+    """This process of a multi-process run stops on an error of its own (a UserError): it tells the others
+    through the store (their heartbeat threads then end them with one line naming it), says it, and exits 2
+    without JAX's shutdown barrier, where it would wait for peers that wait for its part of their next step.
+    The coordinator waits a few beats first, so that the others read the store before it is gone. Alone, or
+    before joining: returns, and the caller says the error as usual."""
+    if _watching is None:
+        return
+    me = jax.process_index()
+    try:
+        distributed.global_state.client.key_value_set(f"{FAILED}{me}", message, allow_overwrite=True)
+    except Exception:  # noqa: BLE001 -- the coordinator is gone: the others learn it from JAX or the heartbeat
+        pass
+    if me == 0:
+        time.sleep(3 * BEAT)
+    _fail(message)
 
 
 def collective_failed(error: Exception) -> None:

@@ -265,6 +265,50 @@ def test_a_process_whose_peer_never_joins_ends_in_one_line(tmp_path, char_data):
     assert not list(tmp_path.iterdir())
 
 
+# Process `victim` of a two-process run raises a UserError of its own (as a disk gone from under it would) when it
+# reads iteration 4's batch; the other process carries on into that step.
+FAILING = textwrap.dedent("""
+    import sys
+    from nanogpt_jax import cli, run
+    from nanogpt_jax.config import UserError
+    victim, original = int(sys.argv[1]), run.Run.train_batch
+
+    def train_batch(self, iter_num):
+        if iter_num == 4 and f"--process_id={victim}" in sys.argv:
+            raise UserError(f"cannot read the data of process {victim}")
+        return original(self, iter_num)
+
+    run.Run.train_batch = train_batch
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_peer_stopped_by_an_error_ends_the_other_in_one_line(victim, tmp_path, char_data):
+    """One of two training processes stops on an error of its own mid-run: it says it in one line and exits 2,
+    and so does the other, naming that process and its error, within seconds (a --heartbeat_timeout_seconds of
+    100 is never reached); without the word through the store the other would wait inside its next step
+    until XLA's collective timeout (600 s here) and the failed one at JAX's shutdown barrier."""
+    data_dir, _ = char_data
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, str(script), str(victim), "train", *TINY, f"--data_dir={data_dir}",
+                               "--out_dir=multi", "--max_iters=100000", "--eval_interval=100000",
+                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                               "--heartbeat_timeout_seconds=100"], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    errs = [p.communicate(timeout=90)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert [len(error_lines(e)) for e in errs] == [1, 1], errs
+    assert error_lines(errs[victim]) == [f"error: cannot read the data of process {victim}"]
+    assert error_lines(errs[1 - victim])[0].startswith(
+        f"error: process {victim} of 2 stopped on an error (cannot read the data of process {victim}); "
+        f"process {1 - victim} stops too"), errs[1 - victim]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_peer_killed_mid_run_ends_the_other_in_one_line(victim, tmp_path, char_data):
