@@ -6,10 +6,13 @@ folders built once per session and shared by the modules that read them. Referen
 numpy recomputes that the tests compare the package against. Helpers: the small things several modules need.
 """
 
+import atexit
 import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +22,14 @@ TIKTOKEN_CACHE = SHARED / "data" / "tiktoken_cache"
 
 # Set before anything imports tiktoken, and inherited by the CLI subprocesses.
 os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
-os.environ["NANOGPT_JAX_COMPILE_CACHE"] = "0"  # commands here compile afresh; test_sample turns the cache on
+os.environ["NANOGPT_JAX_COMPILE_CACHE"] = "0"  # the CLI's own cache (in ~/.cache) off; test_sample turns it on
+# One persistent compilation cache for the session, in a temporary folder, shared by this process and the CLI
+# subprocesses: most tests train, evaluate and sample the same few tiny models, and a program one test compiled
+# is loaded by the next instead of compiled again (the cache key is the program, its options and the devices).
+_XLA_CACHE = tempfile.mkdtemp(prefix="nanogpt-jax-tests-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny models compile in well under 1 s
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
