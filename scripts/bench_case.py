@@ -10,6 +10,7 @@ import sys
 
 from nanogpt_jax import parallel
 
+parallel.quiet_libtpu()  # the test extra's libtpu on a machine with no TPU: silent, as the CLI
 parallel.use_all_cpu_cores()  # before JAX starts its backend, as `train` lays a CPU out
 
 from benchmarks.case import bench  # noqa: E402

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nanogpt_jax import parallel
 
+parallel.quiet_libtpu()  # the test extra's libtpu on a machine with no TPU: silent, as the CLI
 parallel.use_all_cpu_cores()  # before JAX starts its backend
 
 import jax  # noqa: E402
