@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .memory import generate_bytes, refuse_unless_it_fits
-from .model import GPTConfig, KVCache, init_cache, make_model
+from .model import GPTConfig, KVCache, init_cache, make_model, unstack_layers
 
 BUCKET = 64
 
@@ -71,7 +71,7 @@ class Decoding(NamedTuple):
     start_B[b]), the new tokens follow; unwritten columns hold eos (or 0)."""
 
     tokens: jax.Array  # (B, W) int32, W = prompt bucket + new-token bucket
-    cache: KVCache  # (L, B, N, S, H) keys and values, S = min(W, block_size)
+    cache: KVCache  # each layer's (B, N, S, H) keys and values, S = min(W, block_size)
     start_B: jax.Array  # (B,) first real column of each row
     n_prompt: jax.Array  # () prompt columns
     n_new: jax.Array  # () new tokens written so far
@@ -115,7 +115,7 @@ def _prefill(config: GPTConfig, params, prompt_BT, n_prompt, start_B, key, tempe
 @partial(jax.jit, static_argnames=("config", "rule"))
 def _decode(config: GPTConfig, params, s: Decoding, until, *, rule: Rule) -> Decoding:
     """Decode steps until `until` new tokens are written or every row has stopped."""
-    apply = partial(make_model(config).apply, {"params": params})
+    apply = partial(make_model(config).apply, {"params": unstack_layers(params)})  # sliced once, not per token
     S, (B, W) = config.block_size, s.tokens.shape
 
     def going(s):

@@ -64,8 +64,10 @@ REMAT_POLICIES = {"none": jax.checkpoint_policies.everything_saveable,
 # The name of a layer's parameters as a `gather` hook returns them: never kept for the backward pass.
 GATHERED = "gathered_layer_params"
 
-# A key/value cache: keys and values of every layer, each (L, B, n_head, S, head_size), S <= block_size positions.
-KVCache = tuple[jax.Array, jax.Array]
+# A key/value cache: (keys, values) of each layer, each (B, n_head, S, head_size), S <= block_size positions. One
+# pair of arrays per layer, not one stacked array: a decoded token then writes one column of each in place,
+# where a stacked cache went through the layer loop's slices and was copied whole on every token.
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def _normal(std: float):
@@ -152,7 +154,7 @@ class GPT(nn.Module):
     """GPT-2. Returns (logits (B, T, vocab) float32, updated cache or None).
 
     With `cache` (from `init_cache`), the tokens sit at cache columns pos..pos+T-1 and attend to the cached
-    keys and values; without it, the whole causal sequence is computed. `start_B` (cached calls): row b's
+    keys and values, the layers run one by one (`_cached_layers`); without it, the whole causal sequence is computed. `start_B` (cached calls): row b's
     first real column, the columns before it left padding that no token attends to, and row b's positions
     count from it, so a left-padded row computes what it would alone. `logits_at`: the one column whose
     logits are computed (sampling needs no more; None: all). `gather`: see `layers`.
@@ -177,10 +179,26 @@ class GPT(nn.Module):
             position_BT = jnp.maximum(position_BT - start_B[:, None], 0)
         x_BTC = wte(idx_BT) + wpe(position_BT)
         x_BTC = nn.Dropout(c.dropout)(x_BTC, deterministic=deterministic)
-        x_BTC, cache = layers(c, self.gather)(x_BTC, cache, pos, start_B, deterministic)
+        if cache is None:
+            x_BTC, _ = layers(c, self.gather)(x_BTC, None, pos, start_B, deterministic)
+        else:
+            x_BTC, cache = _cached_layers(c, self.variables["params"], x_BTC, cache, pos, start_B)
         x_BTC = _layer_norm(c, "ln_f")(_column(x_BTC, logits_at))
         logits_BTV = on_rows(wte.attend, x_BTC).astype(jnp.float32)  # weight tying: lm_head = wte
         return logits_BTV, cache
+
+
+def _cached_layers(config: GPTConfig, params, x_BTC, cache: KVCache, pos, start_B):
+    """The blocks of `layers` one after the other, each against its own cache (decoding). Layer i's weights
+    are params' h_i where the caller unstacked them once (`unstack_layers`: sliced inside a decoding loop,
+    XLA copied every layer's weights on every token), else sliced from the stacked h. Returns (x, cache)."""
+    block = Block(config, parent=None)
+    updated = []
+    for i, kv in enumerate(cache):
+        layer = params[f"h_{i}"] if f"h_{i}" in params else jax.tree.map(lambda p, i=i: p[i], params["h"])
+        x_BTC, kv = block.apply({"params": layer}, x_BTC, kv, pos, start_B, True)
+        updated.append(kv)
+    return x_BTC, tuple(updated)
 
 
 class Bigram(nn.Module):
@@ -244,8 +262,9 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None) ->
     less to read per token."""
     if not config.has_attention:
         return ()
-    shape = (config.n_layer, batch_size, config.n_head, length or config.block_size, config.n_embd // config.n_head)
-    return jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)
+    shape = (batch_size, config.n_head, length or config.block_size, config.n_embd // config.n_head)
+    return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+                 for _ in range(config.n_layer))
 
 
 # ------------------------------------------------------------------------------- stacked and per-layer trees

@@ -72,9 +72,6 @@ def weights_mesh(fsdp: int):
 
 def prepare(cfg: SampleConfig) -> Job:
     config, params, meta, _ = load_model(cfg)
-    # One compiled layer body: GPT-2 124M's first greedy call took 1.7 s instead of 5.1-7.7 s unrolled, and
-    # decoding was no slower (docs/benchmarks.md, AMD EPYC Zen 4); the parameters are the same either way.
-    config = dataclasses.replace(config, scan_layers=True)
     if cfg.fsdp > 1:
         params = jax.device_put(params, parallel.state_shardings(weights_mesh(cfg.fsdp), params))
     tokenizer = Tokenizer(meta)
