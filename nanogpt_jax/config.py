@@ -90,7 +90,8 @@ class TrainConfig:
     # 'dots' (its matmul outputs); True / False mean 'full' / 'none'
     remat: str | bool = "none"
     # compile one layer body and loop it (lax.scan: compile time and FSDP's memory independent of depth), or
-    # unroll the layers (XLA:CPU runs small models faster unrolled); None: unrolled on a CPU, scanned elsewhere
+    # unroll the layers (XLA:CPU runs small models faster unrolled); None: unrolled on a CPU, scanned elsewhere.
+    # Training and evaluation: decoding always runs the layers one by one
     scan_layers: bool | None = None
     num_devices: int = 0  # devices to use; 0 = all of them when the batch can be split evenly over them
     fsdp: int = 1  # shard params and optimizer state over this many devices (1 = pure data parallelism)
