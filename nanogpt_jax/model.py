@@ -66,7 +66,7 @@ GATHERED = "gathered_layer_params"
 
 # A key/value cache: (keys, values) of each layer, each (B, n_head, S, head_size), S <= block_size positions. One
 # pair of arrays per layer, not one stacked array: a decoded token then writes one column of each in place,
-# where a stacked cache went through the layer loop's slices and was copied whole on every token.
+# where a stacked cache goes through the layer loop's slices and XLA copies it whole on every token.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
@@ -191,7 +191,7 @@ class GPT(nn.Module):
 def _cached_layers(config: GPTConfig, params, x_BTC, cache: KVCache, pos, start_B):
     """The blocks of `layers` one after the other, each against its own cache (decoding). Layer i's weights
     are params' h_i where the caller unstacked them once (`unstack_layers`: sliced inside a decoding loop,
-    XLA copied every layer's weights on every token), else sliced from the stacked h. Returns (x, cache)."""
+    XLA copies every layer's weights on every token), else sliced from the stacked h. Returns (x, cache)."""
     block = Block(config, parent=None)
     updated = []
     for i, kv in enumerate(cache):
@@ -244,7 +244,7 @@ class _Layer(nn.Module):
 def init_params(config: GPTConfig, key: jax.Array):
     """Freshly initialised float32 parameters (GPT-2 init). Layer i is drawn under its own name h_i and the
     layers then stacked: the same numbers, run for run, as when each layer was a module of its own. Jitted:
-    run op by op, the draws compiled ~160 programs, 2.5 s and 400 MB of a small run's start."""
+    run op by op, the draws compile ~160 programs, 2.5 s and 400 MB of a small run's start."""
     dummy = jnp.zeros((1, min(config.block_size, 8)), jnp.int32)
     if not config.has_attention:
         return make_model(config).init(key, dummy)["params"]
