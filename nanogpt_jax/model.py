@@ -156,8 +156,9 @@ class GPT(nn.Module):
     With `cache` (from `init_cache`), the tokens sit at cache columns pos..pos+T-1 and attend to the cached
     keys and values, the layers run one by one (`_cached_layers`); without it, the whole causal sequence is
     computed. `start_B` (cached calls): row b's first real column, the columns before it left padding that no
-    token attends to, and row b's positions count from it, so a left-padded row computes what it would alone. `logits_at`: the one column whose
-    logits are computed (sampling needs no more; None: all). `gather`: see `layers`.
+    token attends to, and row b's positions count from it, so a left-padded row computes what it would alone.
+    `logits_at`: the one column whose logits are computed (sampling needs no more; None: all). `gather`: see
+    `layers`.
     """
 
     config: GPTConfig
