@@ -139,14 +139,16 @@ class _OrbaxFailureNoise(logging.Filter):
     """orbax logs a failed save or restore with tracebacks from its threads; the reads a failed restore leaves
     behind end as unraisable exceptions: 'Event loop is closed' from tensorstore's callbacks, and the errors of
     orbax's own read coroutines, which nobody awaits any more. Those of its read tasks that finished before the
-    process exits are logged by asyncio ('Task exception was never retrieved'). The Checkpointer reports such a
-    failure itself, once, as one line: the command line drops these (quiet_orbax_failures)."""
+    process exits are logged by asyncio ('Task exception was never retrieved'), and so are tensorstore's read
+    futures ('Future exception was never retrieved': an error set from tensorstore's threads, with no orbax frame
+    to tell it by, only its tensorstore_spec). The Checkpointer reports such a failure itself, once, as one
+    line: the command line drops these (quiet_orbax_failures)."""
 
     def filter(self, record):
         if record.levelno < logging.ERROR:
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (ORBAX_DIR in record.pathname or _raised_in_orbax(exc))
+        return not (ORBAX_DIR in record.pathname or _raised_in_orbax(exc) or "tensorstore_spec" in str(exc or ""))
 
     def unraisable(self, previous):
         def hook(unraisable):

@@ -210,9 +210,10 @@ def test_a_subprocess_prints_one_line_for_a_damaged_checkpoint(small_run, tmp_pa
 
 
 def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, caplog):
-    """A failed restore abandons orbax's other read tasks; those that finish before the process exits are
-    logged by asyncio when collected ('Task exception was never retrieved'), after the one error line. The
-    command line drops them, and only them: the same failure raised outside orbax is still logged."""
+    """A failed restore abandons orbax's other read tasks and tensorstore's read futures; those that finish
+    before the process exits are logged by asyncio when collected ('Task/Future exception was never
+    retrieved'), after the one error line. The command line drops them, and only them: the same failure raised
+    outside orbax, or a future's error that is not tensorstore's, is still logged."""
     quiet_orbax_failures()
     gc.collect()  # earlier tests' abandoned futures are logged now, before the window this test reads
 
@@ -228,11 +229,21 @@ def test_asyncio_reports_of_orbax_reads_left_unawaited_are_dropped(tmp_path, cap
         asyncio.run(start_and_leave())
         gc.collect()
 
+    def abandoned_tensorstore_read(error):  # a future whose error tensorstore's thread set, left unawaited
+        async def start_and_leave():
+            asyncio.get_running_loop().create_future().set_exception(ValueError(error))
+
+        asyncio.run(start_and_leave())
+        gc.collect()
+
     with caplog.at_level("ERROR", logger="asyncio"):
         abandoned_failure(f"{ORBAX_DIR}/_src/serialization/serialization.py")
+        abandoned_tensorstore_read('NOT_FOUND: Error opening "zarr" driver [tensorstore_spec[1]=\'{}\']')
         assert caplog.records == []
         abandoned_failure(str(tmp_path / "elsewhere.py"))
-    assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
+        abandoned_tensorstore_read("truncated")
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved",
+                                                                      "Future exception was never retrieved"]
 
 
 def test_the_library_leaves_logging_and_the_unraisable_hook_alone(tmp_path):
