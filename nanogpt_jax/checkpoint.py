@@ -141,14 +141,14 @@ class _OrbaxFailureNoise(logging.Filter):
     orbax's own read coroutines, which nobody awaits any more. Those of its read tasks that finished before the
     process exits are logged by asyncio ('Task exception was never retrieved'), and so are tensorstore's read
     futures ('Future exception was never retrieved': an error set from tensorstore's threads, with no orbax frame
-    to tell it by, only its tensorstore_spec). The Checkpointer reports such a failure itself, once, as one
-    line: the command line drops these (quiet_orbax_failures)."""
+    to tell it by, only its form: an absl status with no Python traceback). The Checkpointer reports such a
+    failure itself, once, as one line: the command line drops these (quiet_orbax_failures)."""
 
     def filter(self, record):
         if record.levelno < logging.ERROR:
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (ORBAX_DIR in record.pathname or _raised_in_orbax(exc) or "tensorstore_spec" in str(exc or ""))
+        return not (ORBAX_DIR in record.pathname or _raised_in_orbax(exc) or _set_by_tensorstore(exc))
 
     def unraisable(self, previous):
         def hook(unraisable):
@@ -168,6 +168,17 @@ ORBAX_DIR = str(Path(ocp.__file__).resolve().parent)
 def _raised_in_orbax(exc: BaseException | None) -> bool:
     return exc is not None and any(frame.f_code.co_filename.startswith(ORBAX_DIR)
                                    for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
+# absl's status codes: tensorstore's errors read 'OUT_OF_RANGE: Error reading "wte.embedding/0.0" in OCDBT ...'
+_ABSL_STATUS = re.compile(r"(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+                          r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+                          r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): ")
+
+
+def _set_by_tensorstore(exc: BaseException | None) -> bool:
+    """An error tensorstore's C++ threads set on a future: an absl status, never raised in Python."""
+    return exc is not None and exc.__traceback__ is None and bool(_ABSL_STATUS.match(str(exc)))
 
 
 def quiet_orbax_failures() -> None:
