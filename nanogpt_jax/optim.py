@@ -7,6 +7,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -32,13 +33,15 @@ class OptimConfig:
 
 
 def get_lr(it, cfg: OptimConfig):
-    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr. A Python int
+    (the log line's) is computed on the host in float64, as nanoGPT does, not by a dozen device ops per step."""
+    xp = np if isinstance(it, int | np.integer) else jnp
     if not cfg.decay_lr:
         return cfg.learning_rate + 0.0 * it
     warm = cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    ratio = jnp.clip((it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1), 0.0, 1.0)
-    cosine = cfg.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-    return jnp.where(it < cfg.warmup_iters, warm, jnp.where(it > cfg.lr_decay_iters, cfg.min_lr, cosine))
+    ratio = xp.clip((it - cfg.warmup_iters) / max(cfg.lr_decay_iters - cfg.warmup_iters, 1), 0.0, 1.0)
+    cosine = cfg.min_lr + 0.5 * (1.0 + xp.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    return xp.where(it < cfg.warmup_iters, warm, xp.where(it > cfg.lr_decay_iters, cfg.min_lr, cosine))
 
 
 def decay_mask(params):

@@ -17,6 +17,10 @@ from .step_log import Profile, StepLog
 from .tracking import MetricsLog, on_object_store
 
 
+# jitted: one dispatch per step, where run op by op threefry's fold_in costs ~0.7 ms of host time per step
+_fold_in = jax.jit(jax.random.fold_in)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run nanoGPT's training loop; returns {'iter_num', 'best_val_loss', 'last_losses', 'stopped_by'}
     (stopped_by: 'SIGTERM' or 'SIGINT' when a signal stopped it after saving `latest`, else None)."""
@@ -69,7 +73,7 @@ def _train(cfg, ckpt, out_dir, log, stop):
                 break
             profile.before(it)
             with jax.profiler.StepTraceAnnotation("train", step_num=it):
-                state, loss = run.step(state, run.train_batch(it), jax.random.fold_in(rng, it))
+                state, loss = run.step(state, run.train_batch(it), _fold_in(rng, it))
             if cfg.skip_nonfinite_steps:  # the count stays on the device until a log line reads it
                 loss, skipped = loss
                 n_skipped = skipped if n_skipped is None else n_skipped + skipped
