@@ -12,6 +12,7 @@ from nanogpt_jax.generate import generate
 from nanogpt_jax.load import model_config
 from nanogpt_jax.model import GPTConfig, init_params
 from nanogpt_jax.run import Run
+from nanogpt_jax.train import step_key
 
 from .presets import BenchConfig, backend
 
@@ -55,7 +56,7 @@ class OursTrain:
         run, in_flight = self.run, None
         t0 = time.perf_counter()
         for _ in range(n):
-            self.state, loss = self.step(self.state, run.train_batch(self.it), jax.random.fold_in(self.key, self.it))
+            self.state, loss = self.step(self.state, run.train_batch(self.it), step_key(self.key, self.it))
             jax.block_until_ready(in_flight)
             in_flight, self.it = loss, self.it + 1
         self.loss = float(in_flight)
