@@ -1,6 +1,6 @@
-"""The kernels under the model, and the choice between them: causal attention (XLA's or cuDNN's fused kernel,
-in query blocks past ATTENTION_BLOCK tokens; written out where nanoGPT drops attention probabilities; against
-the KV cache when decoding) and the linear layers' row layout. model.py says what the network computes;
+"""The kernels under the model, and the choice between them: causal attention (cuDNN's fused kernel, or XLA's
+written out heads-first, in query blocks past ATTENTION_BLOCK tokens; with nanoGPT's dropout of attention
+probabilities; against the KV cache when decoding) and the linear layers' row layout. model.py says what the network computes;
 this module says how, per backend.
 
 Shapes: B batch, T tokens of this call, R = B x T rows, S cached positions, N heads, H head size, O outputs.
@@ -33,30 +33,44 @@ ATTENTION_BLOCK = 128
 
 
 def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None):
-    """Causal attention through XLA's (or cuDNN's) fused kernel. Past ATTENTION_BLOCK tokens XLA's path runs
-    in blocks of query rows, each against only the keys it can see: the masked upper triangle, about half of
-    the scores at T=1024, is then neither computed nor kept for the backward pass. cuDNN skips it itself."""
-    T = q_BTNH.shape[1]
-    if impl == "cudnn" or T <= ATTENTION_BLOCK:
+    """Causal attention: cuDNN's fused kernel, or XLA's code written out heads-first (`_attend`). Past
+    ATTENTION_BLOCK tokens XLA's path runs in blocks of query rows, each against only the keys it can see: the
+    masked upper triangle, about half of the scores at T=1024, is then neither computed nor kept for the
+    backward pass. cuDNN skips it itself."""
+    if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
+    q_BNTH, k_BNTH, v_BNTH = (t.swapaxes(1, 2) for t in (q_BTNH, k_BTNH, v_BTNH))
+    T = q_BNTH.shape[2]
     blocks = []
     for start in range(0, T, ATTENTION_BLOCK):
         end = min(start + ATTENTION_BLOCK, T)
         mask_QS = jnp.arange(end)[None, :] <= start + jnp.arange(end - start)[:, None]
-        blocks.append(jax.nn.dot_product_attention(q_BTNH[:, start:end], k_BTNH[:, :end], v_BTNH[:, :end],
-                                                   mask=mask_QS[None, None], implementation=impl))
-    return jnp.concatenate(blocks, axis=1)
+        blocks.append(_attend(q_BNTH[:, :, start:end], k_BNTH[:, :, :end], v_BNTH[:, :, :end], mask_QS))
+    return jnp.concatenate(blocks, axis=2).swapaxes(1, 2)
 
 
 def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
-    """Causal attention written out, because nanoGPT drops attention probabilities while training and
-    dot_product_attention has no dropout. Softmax in float32 whatever the compute dtype."""
-    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
-    att_BNTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTNH, k_BTNH) / math.sqrt(H)
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    att_BNTT = jax.nn.softmax(jnp.where(causal_TT, att_BNTT.astype(jnp.float32), -jnp.inf), axis=-1)
-    att_BNTT = dropout(att_BNTT, deterministic=False).astype(v_BTNH.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", att_BNTT, v_BTNH)
+    """Causal attention with nanoGPT's dropout of the attention probabilities (training), which
+    dot_product_attention does not have; the whole T x T scores at once."""
+    q_BNTH, k_BNTH, v_BNTH = (t.swapaxes(1, 2) for t in (q_BTNH, k_BTNH, v_BTNH))
+    T = q_BNTH.shape[2]
+    return _attend(q_BNTH, k_BNTH, v_BNTH, jnp.tril(jnp.ones((T, T), dtype=bool)), dropout).swapaxes(1, 2)
+
+
+def _attend(q_BNTH, k_BNSH, v_BNSH, mask_TS, dropout: nn.Dropout | None = None):
+    """softmax(q k^T / sqrt(H), masked) v on heads-first operands, the layout the batched products read: on
+    (B, T, N, H) operands (jax.nn.dot_product_attention's XLA path) XLA:CPU copied each product's operands
+    and results about, 7-10% of the CPU recipe's step on a Zen 4. Scores and softmax in float32 whatever the
+    compute dtype, scaled after the product as nanoGPT and jax.nn.dot_product_attention do; bfloat16 scores
+    accumulate in float32 and their backward products run in bfloat16, jax.nn.dot_product_attention's choice
+    (jax#24047)."""
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BNTH.dtype == jnp.bfloat16 else None
+    att_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH, precision=precision,
+                          preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q_BNTH.shape[-1]))
+    att_BNTS = jax.nn.softmax(jnp.where(mask_TS, att_BNTS, -jnp.inf), axis=-1)
+    if dropout is not None:
+        att_BNTS = dropout(att_BNTS, deterministic=False)
+    return jnp.einsum("bnts,bnsh->bnth", att_BNTS.astype(v_BNSH.dtype), v_BNSH)
 
 
 def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B=None):

@@ -36,7 +36,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
     model: str = "gpt"  # "gpt" or "bigram"
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    attn_impl: str | None = None  # jax.nn.dot_product_attention implementation: None, "xla" or "cudnn"
+    attn_impl: str | None = None  # attention's kernel: None or "xla" (XLA's, written out), "cudnn" (cuDNN's)
     remat: str = "none"  # what a block keeps for the backward pass: REMAT_POLICIES' names
     scan_layers: bool = True  # one compiled layer body looped n_layer times; False unrolls the loop
 
