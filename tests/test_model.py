@@ -90,6 +90,30 @@ def test_forward_matches_numpy_reference(bias, base):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 1e-9], ids=["causal", "dropout-path"])
+def test_bfloat16_forward_and_gradient_follow_the_float64_reference(dropout):
+    """bfloat16 compute (the default off a CPU), in query blocks and on the dropout path: the attention scores
+    accumulate in float32 (BF16_BF16_F32), so the loss follows nanoGPT's float64 forward and the gradients
+    the float32 model's, to bfloat16's precision."""
+    base = dataclasses.replace(LONG, dropout=dropout)
+    params = perturbed_params(base)
+    idx = tokens(base)
+    targets = np.roll(idx, -1, axis=1)
+
+    def loss(dtype, p):
+        logits, _ = make_model(dataclasses.replace(base, dtype=dtype)).apply(
+            {"params": p}, jnp.asarray(idx), deterministic=dropout == 0.0, rngs={"dropout": jax.random.PRNGKey(3)})
+        return cross_entropy(logits, jnp.asarray(targets))
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)("bfloat16", params)
+    _, ref_grads = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)("float32", params)
+    ref = np.mean(-np.take_along_axis(np_log_softmax(np_forward(base, params, idx)), targets[..., None], -1))
+    assert abs(float(value) - ref) < 2e-2 * ref
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert got.dtype == jnp.float32
+        assert np.linalg.norm(np.asarray(got) - want) <= 5e-2 * np.linalg.norm(want)
+
+
 def test_manual_dropout_attention_matches_reference_when_nothing_is_dropped():
     """The hand-written attention used while training with dropout: with a dropout rate so small that float32
     keeps every unit, the training-mode forward must be nanoGPT's forward."""
