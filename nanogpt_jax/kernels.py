@@ -1,7 +1,7 @@
 """The kernels under the model, and the choice between them: causal attention (cuDNN's fused kernel, or XLA's
 written out heads-first, in query blocks past ATTENTION_BLOCK tokens; with nanoGPT's dropout of attention
-probabilities; against the KV cache when decoding) and the linear layers' row layout. model.py says what the network computes;
-this module says how, per backend.
+probabilities; against the KV cache when decoding) and the linear layers' row layout. model.py says what the
+network computes; this module says how, per backend.
 
 Shapes: B batch, T tokens of this call, R = B x T rows, S cached positions, N heads, H head size, O outputs.
 """
@@ -59,11 +59,11 @@ def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
 
 def _attend(q_BNTH, k_BNSH, v_BNSH, mask_TS, dropout: nn.Dropout | None = None):
     """softmax(q k^T / sqrt(H), masked) v on heads-first operands, the layout the batched products read: on
-    (B, T, N, H) operands (jax.nn.dot_product_attention's XLA path) XLA:CPU copied each product's operands
-    and results about, 7-10% of the CPU recipe's step on a Zen 4. Scores and softmax in float32 whatever the
+    (B, T, N, H) operands (jax.nn.dot_product_attention's XLA path) XLA:CPU added transposing copies around
+    them, and the step of the CPU recipe ran 7-10% slower on a Zen 4. Scores and softmax in float32 whatever the
     compute dtype, scaled after the product as nanoGPT and jax.nn.dot_product_attention do; bfloat16 scores
-    accumulate in float32 and their backward products run in bfloat16, jax.nn.dot_product_attention's choice
-    (jax#24047)."""
+    under jax.nn.dot_product_attention's DotAlgorithmPreset (BF16_BF16_F32, jax#24047), so that GPU and TPU
+    compute them as before."""
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BNTH.dtype == jnp.bfloat16 else None
     att_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH, precision=precision,
                           preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q_BNTH.shape[-1]))
