@@ -33,28 +33,32 @@ ATTENTION_BLOCK = 128
 
 
 def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None):
-    """Causal attention: cuDNN's fused kernel, or XLA's code written out heads-first (`_attend`). Past
-    ATTENTION_BLOCK tokens XLA's path runs in blocks of query rows, each against only the keys it can see: the
-    masked upper triangle, about half of the scores at T=1024, is then neither computed nor kept for the
-    backward pass. cuDNN skips it itself."""
+    """Causal attention: cuDNN's fused kernel, or XLA's code written out heads-first (`_xla_causal`), in
+    blocks of ATTENTION_BLOCK query rows, each against only the keys it can see: the masked upper triangle,
+    about half of the scores at T=1024, is then neither computed nor kept for the backward pass. cuDNN skips
+    it itself."""
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
-    q_BNTH, k_BNTH, v_BNTH = (t.swapaxes(1, 2) for t in (q_BTNH, k_BTNH, v_BTNH))
-    T = q_BNTH.shape[2]
-    blocks = []
-    for start in range(0, T, ATTENTION_BLOCK):
-        end = min(start + ATTENTION_BLOCK, T)
-        mask_QS = jnp.arange(end)[None, :] <= start + jnp.arange(end - start)[:, None]
-        blocks.append(_attend(q_BNTH[:, :, start:end], k_BNTH[:, :, :end], v_BNTH[:, :, :end], mask_QS))
-    return jnp.concatenate(blocks, axis=2).swapaxes(1, 2)
+    return _xla_causal(q_BTNH, k_BTNH, v_BTNH, ATTENTION_BLOCK)
 
 
 def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
     """Causal attention with nanoGPT's dropout of the attention probabilities (training), which
     dot_product_attention does not have; the whole T x T scores at once."""
+    return _xla_causal(q_BTNH, k_BTNH, v_BTNH, q_BTNH.shape[1], dropout)
+
+
+def _xla_causal(q_BTNH, k_BTNH, v_BTNH, block: int, dropout: nn.Dropout | None = None):
+    """Causal attention by `_attend`, `block` query rows at a time against the keys each block can see;
+    q, k, v transposed heads-first once, the result back once."""
     q_BNTH, k_BNTH, v_BNTH = (t.swapaxes(1, 2) for t in (q_BTNH, k_BTNH, v_BTNH))
     T = q_BNTH.shape[2]
-    return _attend(q_BNTH, k_BNTH, v_BNTH, jnp.tril(jnp.ones((T, T), dtype=bool)), dropout).swapaxes(1, 2)
+    blocks = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        mask_QS = jnp.arange(end)[None, :] <= start + jnp.arange(end - start)[:, None]
+        blocks.append(_attend(q_BNTH[:, :, start:end], k_BNTH[:, :, :end], v_BNTH[:, :, :end], mask_QS, dropout))
+    return jnp.concatenate(blocks, axis=2).swapaxes(1, 2)
 
 
 def _attend(q_BNTH, k_BNSH, v_BNSH, mask_TS, dropout: nn.Dropout | None = None):
