@@ -1,7 +1,7 @@
 """The kernels under the model, and the choice between them: causal attention (cuDNN's fused kernel, or XLA's
 written out heads-first, in query blocks past ATTENTION_BLOCK tokens; with nanoGPT's dropout of attention
-probabilities; against the KV cache when decoding) and the linear layers' row layout. model.py says what the
-network computes; this module says how, per backend.
+probabilities; against the KV cache when decoding), dropout's mask, and the linear layers' row layout. model.py
+says what the network computes; this module says how, per backend.
 
 Shapes: B batch, T tokens of this call, R = B x T rows, S cached positions, N heads, H head size, O outputs.
 """
@@ -28,27 +28,47 @@ class Dense(nn.Dense):
         return on_rows(super().__call__, x)
 
 
+def keep_mask(key, rate: float, shape) -> jax.Array:
+    """Dropout's keep mask: 16 random bits per element, two elements to each 32-bit threefry word of
+    jax.random.bits, against the keep probability 1 - rate rounded to a multiple of 1/65536 (at least one).
+    nn.Dropout draws a 32-bit word per element and makes a float of it: on a CPU that was 13% of the char
+    step, and for its attention probabilities this mask takes a quarter of that time."""
+    n = math.prod(shape)
+    bits = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+    bits_16 = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:n].reshape(shape)
+    return bits_16 < jnp.uint32(min(max(round((1.0 - rate) * 65536), 1), 65536))
+
+
+class Dropout(nn.Module):
+    """nanoGPT's dropout: each element zeroed with probability `rate` (in [0, 1)), the kept ones scaled by
+    1 / (1 - rate); the mask is `keep_mask`'s."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        kept = keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+        return jnp.where(kept, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
 # Query rows per block of causal_attention's XLA path (the fastest of 64-512 for GPT-2 124M at T=1024 on a CPU).
 ATTENTION_BLOCK = 128
 
 
-def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None):
+def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None, dropout: Dropout | None = None):
     """Causal attention: cuDNN's fused kernel, or XLA's code written out heads-first (`_xla_causal`), in
     blocks of ATTENTION_BLOCK query rows, each against only the keys it can see: the masked upper triangle,
     about half of the scores at T=1024, is then neither computed nor kept for the backward pass. cuDNN skips
-    it itself."""
-    if impl == "cudnn":
+    it itself. With `dropout` (training), nanoGPT's dropout of the attention probabilities, which cuDNN's
+    kernel here does not have: always XLA's."""
+    if impl == "cudnn" and dropout is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
-    return _xla_causal(q_BTNH, k_BTNH, v_BTNH, ATTENTION_BLOCK)
+    return _xla_causal(q_BTNH, k_BTNH, v_BTNH, ATTENTION_BLOCK, dropout)
 
 
-def dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout: nn.Dropout):
-    """Causal attention with nanoGPT's dropout of the attention probabilities (training), which
-    dot_product_attention does not have; the whole T x T scores at once."""
-    return _xla_causal(q_BTNH, k_BTNH, v_BTNH, q_BTNH.shape[1], dropout)
-
-
-def _xla_causal(q_BTNH, k_BTNH, v_BTNH, block: int, dropout: nn.Dropout | None = None):
+def _xla_causal(q_BTNH, k_BTNH, v_BTNH, block: int, dropout: Dropout | None = None):
     """Causal attention by `_attend`, `block` query rows at a time against the keys each block can see;
     q, k, v transposed heads-first once, the result back once."""
     q_BNTH, k_BNTH, v_BNTH = (t.swapaxes(1, 2) for t in (q_BTNH, k_BTNH, v_BTNH))
@@ -61,7 +81,7 @@ def _xla_causal(q_BTNH, k_BTNH, v_BTNH, block: int, dropout: nn.Dropout | None =
     return jnp.concatenate(blocks, axis=2).swapaxes(1, 2)
 
 
-def _attend(q_BNTH, k_BNSH, v_BNSH, mask_TS, dropout: nn.Dropout | None = None):
+def _attend(q_BNTH, k_BNSH, v_BNSH, mask_TS, dropout: Dropout | None = None):
     """softmax(q k^T / sqrt(H), masked) v on heads-first operands, the layout the batched products read: on
     (B, T, N, H) operands (jax.nn.dot_product_attention's XLA path) XLA:CPU added transposing copies around
     them, and the step of the CPU recipe ran 7-10% slower on a Zen 4. Scores and softmax in float32 whatever the
@@ -99,13 +119,11 @@ def cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B=None):
     return y_BTNH, (k_BNSH, v_BNSH)
 
 
-def attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None, dropout: nn.Dropout | None = None, kv=None, pos=None,
+def attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None, dropout: Dropout | None = None, kv=None, pos=None,
               start_B=None):
     """Causal attention as the call needs it: against the cache `kv` when decoding (returns the updated
-    cache), written out when `dropout` drops attention probabilities (training), else the fused kernel of
-    `impl` (None: XLA picks; "xla"; "cudnn"). Returns (y (B, T, N, H), cache or None)."""
+    cache), else `causal_attention` (`impl` None or "xla": XLA's; "cudnn"), with `dropout` of the attention
+    probabilities when training. Returns (y (B, T, N, H), cache or None)."""
     if kv is not None:
         return cached_attention(q_BTNH, k_BTNH, v_BTNH, kv, pos, start_B)
-    if dropout is not None:
-        return dropout_attention(q_BTNH, k_BTNH, v_BTNH, dropout), None
-    return causal_attention(q_BTNH, k_BTNH, v_BTNH, impl), None
+    return causal_attention(q_BTNH, k_BTNH, v_BTNH, impl, dropout), None

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from .kernels import Dense, attention, on_rows
+from .kernels import Dense, Dropout, attention, on_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -97,10 +97,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x_BTC.shape
         qkv_BT3C = _dense(c, 3 * C, "c_attn")(x_BTC)
         q, k, v = (t.reshape(B, T, c.n_head, C // c.n_head) for t in jnp.split(qkv_BT3C, 3, axis=-1))
-        dropout = nn.Dropout(c.dropout) if c.dropout > 0.0 and not deterministic else None
+        dropout = Dropout(c.dropout) if c.dropout > 0.0 and not deterministic else None
         y_BTNH, kv = attention(q, k, v, c.attn_impl, dropout, kv, pos, start_B)
         y_BTC = _dense(c, C, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(y_BTNH.reshape(B, T, C))
-        return nn.Dropout(c.dropout)(y_BTC, deterministic=deterministic), kv
+        return Dropout(c.dropout)(y_BTC, deterministic=deterministic), kv
 
 
 class MLP(nn.Module):
@@ -112,7 +112,7 @@ class MLP(nn.Module):
         # The tanh-approximated GELU is GPT-2's own (HF's "gelu_new"), so released weights compute as trained.
         h_BT4C = nn.gelu(_dense(c, 4 * c.n_embd, "c_fc")(x_BTC), approximate=True)
         h_BTC = _dense(c, c.n_embd, "c_proj", 0.02 / math.sqrt(2 * c.n_layer))(h_BT4C)
-        return nn.Dropout(c.dropout)(h_BTC, deterministic=deterministic)
+        return Dropout(c.dropout)(h_BTC, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -179,7 +179,7 @@ class GPT(nn.Module):
         if start_B is not None:  # a padding column takes position 0: it is seen by nothing
             position_BT = jnp.maximum(position_BT - start_B[:, None], 0)
         x_BTC = wte(idx_BT) + wpe(position_BT)
-        x_BTC = nn.Dropout(c.dropout)(x_BTC, deterministic=deterministic)
+        x_BTC = Dropout(c.dropout)(x_BTC, deterministic=deterministic)
         if cache is None:
             x_BTC, _ = layers(c, self.gather)(x_BTC, None, pos, start_B, deterministic)
         else:

@@ -3,9 +3,9 @@ float32's losses, an overflowing step halves the scale and changes nothing else,
 does, a resumed float16 run equals an uninterrupted one bit for bit, and the scaled gradients are reduced alike
 on one device, a data-parallel mesh, FSDP and pmap.
 
-XLA:CPU runs float16 matmuls but not jax.nn.dot_product_attention's float16 kernel (it accumulates in float32,
-a precision XLA:CPU refuses), which is why `train` refuses --dtype=float16 on a CPU: the `float16_on_cpu`
-fixture writes attention out (kernels.dropout_attention, no dropout) and lets float16 through."""
+`train` refuses --dtype=float16 on a CPU (XLA:CPU has no float16 kernel for jax.nn.dot_product_attention, which
+decoding calls); training's attention is written out (kernels._xla_causal) and runs there, so the
+`float16_on_cpu` fixture lets float16 through."""
 
 import dataclasses
 import json
@@ -24,7 +24,6 @@ import pytest
 from conftest import assert_trees_equal, quiet, read_metrics, tiny_cfg
 from nanogpt_jax import load as load_module
 from nanogpt_jax import load_checkpoint
-from nanogpt_jax import kernels
 from nanogpt_jax import program as program_module
 from nanogpt_jax import step as step_module
 from nanogpt_jax.config import TrainConfig
@@ -38,13 +37,8 @@ from nanogpt_jax.saving import NonFiniteLossError
 from nanogpt_jax.train import train
 
 
-def written_out_attention(q_BTNH, k_BTNH, v_BTNH, impl):
-    return kernels.dropout_attention(q_BTNH, k_BTNH, v_BTNH, lambda x, deterministic: x)
-
-
 @pytest.fixture
 def float16_on_cpu(monkeypatch):
-    monkeypatch.setattr(kernels, "causal_attention", written_out_attention)
     monkeypatch.setattr(load_module, "resolve_dtype", lambda dtype, platform=None: dtype)
 
 
@@ -245,11 +239,10 @@ def batch_sums(cfg):
 PROBE = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from nanogpt_jax import kernels, parallel, program
+    from nanogpt_jax import parallel, program
     from nanogpt_jax.config import TrainConfig
     from nanogpt_jax.model import GPTConfig, init_params
 
-    kernels.causal_attention = lambda q, k, v, impl: kernels.dropout_attention(q, k, v, lambda x, deterministic: x)
     MARK = 63  # a token only the poisoned step's batch holds, in row 3 of its first micro-batch: device 3's
     original = program.accumulate_grads
 

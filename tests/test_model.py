@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_trees_equal, nanogpt_num_params, np_log_softmax
 from nanogpt_jax import model as model_module
-from nanogpt_jax.kernels import ATTENTION_BLOCK
+from nanogpt_jax.kernels import ATTENTION_BLOCK, Dropout, keep_mask
 from nanogpt_jax.model import (GPTConfig, crop_block_size, cross_entropy, init_cache, init_params,
                                make_model, num_params)
 from nanogpt_jax.step import loss_fn
@@ -92,7 +92,7 @@ def test_forward_matches_numpy_reference(bias, base):
 
 @pytest.mark.parametrize("dropout", [0.0, 1e-9], ids=["causal", "dropout-path"])
 def test_bfloat16_forward_and_gradient_follow_the_float64_reference(dropout):
-    """bfloat16 compute (the default off a CPU), in query blocks and on the dropout path: the attention scores
+    """bfloat16 compute (the default off a CPU), in query blocks without and with dropout: the attention scores
     accumulate in float32 (BF16_BF16_F32), so the loss follows nanoGPT's float64 forward and the gradients
     the float32 model's, to bfloat16's precision."""
     base = dataclasses.replace(LONG, dropout=dropout)
@@ -115,14 +115,41 @@ def test_bfloat16_forward_and_gradient_follow_the_float64_reference(dropout):
 
 
 def test_manual_dropout_attention_matches_reference_when_nothing_is_dropped():
-    """The hand-written attention used while training with dropout: with a dropout rate so small that float32
-    keeps every unit, the training-mode forward must be nanoGPT's forward."""
+    """The attention used while training with dropout: with a dropout rate so small that the keep probability
+    rounds to 1 (keep_mask), the training-mode forward must be nanoGPT's forward."""
     config = dataclasses.replace(TINY, dropout=1e-9)
     params = perturbed_params(config)
     idx = tokens(config)
     logits, _ = make_model(config).apply({"params": params}, jnp.asarray(idx), deterministic=False,
                                          rngs={"dropout": jax.random.PRNGKey(3)})
     np.testing.assert_allclose(np.asarray(logits), np_forward(config, params, idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate,shape", [(0.2, (3, 5, 7)), (0.1, (4, 256)), (0.5, (1,)), (1e-9, (9,))])
+def test_keep_mask_is_16_random_bits_per_element_against_the_keep_probability(rate, shape):
+    """keep_mask recomputed in numpy from the same key's 32-bit words: their low then high 16 bits, element after
+    element, each kept when below round((1 - rate) * 65536)."""
+    key = jax.random.PRNGKey(11)
+    n = math.prod(shape)
+    words = np.asarray(jax.random.bits(key, ((n + 1) // 2,), jnp.uint32))
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:n]
+    want = (halves < round((1 - rate) * 65536)).reshape(shape)
+    np.testing.assert_array_equal(np.asarray(keep_mask(key, rate, shape)), want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dropout_drops_the_rate_scales_the_rest_and_draws_pairs_independently(dtype):
+    """Over 2**20 ones at rate 0.2: the dropped fraction, and both elements of one 32-bit word dropped together,
+    within 5 sigma of 0.2 and 0.04; the kept ones are 1 / 0.8 in the input's dtype; off in evaluation."""
+    x = jnp.ones((2**10, 2**10), dtype)
+    out = np.asarray(Dropout(0.2).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}), np.float32)
+    dropped = out == 0
+    both = dropped.reshape(-1, 2).all(axis=1)
+    for seen, p in ((dropped, 0.2), (both, 0.04)):
+        assert abs(seen.mean() - p) < 5 * math.sqrt(p * (1 - p) / seen.size)
+    np.testing.assert_array_equal(out[~dropped], np.float32(jnp.asarray(1 / 0.8, dtype)))
+    assert Dropout(0.2).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}).dtype == dtype
+    assert Dropout(0.2).apply({}, x, True) is x
 
 
 @pytest.mark.slow
