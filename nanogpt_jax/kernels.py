@@ -58,24 +58,18 @@ ATTENTION_BLOCK = 128
 
 
 def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str | None, dropout: Dropout | None = None):
-    """Causal attention: cuDNN's fused kernel, or XLA's code written out heads-first (`_xla_causal`), in
-    blocks of ATTENTION_BLOCK query rows, each against only the keys it can see: the masked upper triangle,
-    about half of the scores at T=1024, is then neither computed nor kept for the backward pass. cuDNN skips
-    it itself. With `dropout` (training), nanoGPT's dropout of the attention probabilities, which cuDNN's
-    kernel here does not have: always XLA's."""
+    """Causal attention: cuDNN's fused kernel, or XLA's code written out heads-first (`_attend`; q, k, v
+    transposed once, the result back once), in blocks of ATTENTION_BLOCK query rows, each against only the keys
+    it can see: the masked upper triangle, about half of the scores at T=1024, is then neither computed nor kept
+    for the backward pass. cuDNN skips it itself. With `dropout` (training), nanoGPT's dropout of the attention
+    probabilities, which cuDNN's kernel here does not have: always XLA's."""
     if impl == "cudnn" and dropout is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=impl)
-    return _xla_causal(q_BTNH, k_BTNH, v_BTNH, ATTENTION_BLOCK, dropout)
-
-
-def _xla_causal(q_BTNH, k_BTNH, v_BTNH, block: int, dropout: Dropout | None = None):
-    """Causal attention by `_attend`, `block` query rows at a time against the keys each block can see;
-    q, k, v transposed heads-first once, the result back once."""
     q_BNTH, k_BNTH, v_BNTH = (t.swapaxes(1, 2) for t in (q_BTNH, k_BTNH, v_BTNH))
     T = q_BNTH.shape[2]
     blocks = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
+    for start in range(0, T, ATTENTION_BLOCK):
+        end = min(start + ATTENTION_BLOCK, T)
         mask_QS = jnp.arange(end)[None, :] <= start + jnp.arange(end - start)[:, None]
         blocks.append(_attend(q_BNTH[:, :, start:end], k_BNTH[:, :, :end], v_BNTH[:, :, :end], mask_QS, dropout))
     return jnp.concatenate(blocks, axis=2).swapaxes(1, 2)

@@ -4,7 +4,7 @@ does, a resumed float16 run equals an uninterrupted one bit for bit, and the sca
 on one device, a data-parallel mesh, FSDP and pmap.
 
 `train` refuses --dtype=float16 on a CPU (XLA:CPU has no float16 kernel for jax.nn.dot_product_attention, which
-decoding calls); training's attention is written out (kernels._xla_causal) and runs there, so the
+decoding calls); training's attention is written out (kernels.causal_attention's XLA path) and runs there, so the
 `float16_on_cpu` fixture lets float16 through."""
 
 import dataclasses

@@ -142,13 +142,14 @@ def test_dropout_drops_the_rate_scales_the_rest_and_draws_pairs_independently(dt
     """Over 2**20 ones at rate 0.2: the dropped fraction, and both elements of one 32-bit word dropped together,
     within 5 sigma of 0.2 and 0.04; the kept ones are 1 / 0.8 in the input's dtype; off in evaluation."""
     x = jnp.ones((2**10, 2**10), dtype)
-    out = np.asarray(Dropout(0.2).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}), np.float32)
+    y = Dropout(0.2).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
+    out = np.asarray(y, np.float32)
     dropped = out == 0
     both = dropped.reshape(-1, 2).all(axis=1)
     for seen, p in ((dropped, 0.2), (both, 0.04)):
         assert abs(seen.mean() - p) < 5 * math.sqrt(p * (1 - p) / seen.size)
     np.testing.assert_array_equal(out[~dropped], np.float32(jnp.asarray(1 / 0.8, dtype)))
-    assert Dropout(0.2).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}).dtype == dtype
+    assert y.dtype == dtype
     assert Dropout(0.2).apply({}, x, True) is x
 
 
